@@ -1,0 +1,153 @@
+// The engine: sequences, their per-layer cursors, pools and admission, in front of a Backend.
+// Every call is all-or-nothing: it validates and reserves everything before the backend runs, and
+// a failed call leaves every sequence as it was. Thread-safe (one lock; calls are serialised).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "service/engine/backend.h"
+#include "service/engine/engine_options.h"
+#include "service/engine/tensor.h"
+
+namespace kvbuffer {
+
+class SequenceTable;
+struct Sequence;
+
+// One sequence's part of a per-layer call: its id, the position the caller expects it to be at
+// on this layer (committed tokens), and how many tokens it brings.
+struct SequenceTokens {
+  uint64_t id = 0;
+  int64_t position = 0;
+  int32_t num_tokens = 1;
+};
+
+// A per-layer call (Prefill, DecodeStep or VerifyDrafts). qkv is [total_tokens, channels],
+// a and b [total_tokens, HV], tokens of the sequences concatenated in order.
+struct LayerCall {
+  std::string tenant;  // namespace of the ids ("" when auth is off)
+  int32_t layer = 0;
+  std::vector<SequenceTokens> sequences;
+  TensorView qkv;
+  TensorView a;
+  TensorView b;
+  DType out_dtype = DType::kFloat32;
+};
+
+// Outputs of a per-layer call: out is [total_tokens, HV, V].
+struct LayerResult {
+  Tensor out;
+  bool replayed = false;              // the call had been applied already; outputs are the same
+  std::vector<int64_t> positions;     // each sequence's committed position on the layer after
+};
+
+// Accepted prefix of one sequence's pending drafts.
+struct CommitItem {
+  uint64_t id = 0;
+  int64_t position = 0;  // committed position at which the drafts were verified
+  int32_t accepted = 0;  // 0..drafts
+};
+
+// Where one sequence stands (for tests, operators and the Stream session).
+struct SequenceInfo {
+  uint64_t id = 0;
+  std::vector<int64_t> positions;  // committed tokens per layer
+  int32_t pending_drafts = 0;      // tentative rows on layers that verified
+  bool has_state = false;
+  int32_t buffer_pages = 0;
+  int64_t bytes = 0;               // pool bytes this sequence holds
+};
+
+// Memory one sequence needs in each layout, for capacity planning.
+struct CapacityEstimate {
+  int64_t length = 0;
+  int32_t drafts = 0;
+  int64_t kvbuffer_bytes_per_sequence = 0;
+  int64_t recurrent_bytes_per_sequence = 0;  // (1 + drafts) x (state + conv window)
+  int64_t max_sequences_now = 0;   // that fit in the free pools as configured
+  int64_t max_sequences_at_equal_memory = 0;   // if the whole pool budget held such sequences
+  int64_t recurrent_sequences_at_equal_memory = 0;
+  double ratio = 0;  // max_sequences_at_equal_memory / recurrent_sequences_at_equal_memory
+};
+
+// Everything GetServerInfo reports.
+struct EngineInfo {
+  EngineOptions options;
+  std::string backend;
+  PoolElementBytes element_bytes;
+  int32_t open_sequences = 0;
+  int32_t free_conv_slots = 0;
+  int32_t free_state_slots = 0;
+  int32_t free_buffer_pages = 0;
+  BackendMemory memory;
+  int64_t flushes = 0;          // folds done (per sequence and layer)
+  int64_t drafts_verified = 0;  // tentative tokens computed
+  int64_t drafts_accepted = 0;
+};
+
+class Engine {
+ public:
+  // Validates `options`, allocates the backend's pools and returns a ready engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(EngineOptions options,
+                                                        std::unique_ptr<Backend> backend);
+  ~Engine();
+
+  // Opens sequences with client-chosen ids (ALREADY_EXISTS if one is open; RESOURCE_EXHAUSTED if
+  // the sequence table is full). All or none are opened.
+  absl::Status Open(const std::string& tenant, const std::vector<uint64_t>& ids);
+
+  // Closes sequences and frees everything they hold (NOT_FOUND if one is unknown; none closed).
+  absl::Status Close(const std::string& tenant, const std::vector<uint64_t>& ids);
+
+  // Prefill: num_tokens >= 1 committed tokens per sequence on call.layer.
+  absl::StatusOr<LayerResult> Prefill(const LayerCall& call);
+
+  // DecodeStep: exactly one committed token per sequence on call.layer.
+  absl::StatusOr<LayerResult> DecodeStep(const LayerCall& call);
+
+  // VerifyDrafts: 1..max_drafts tentative tokens per sequence on call.layer.
+  absl::StatusOr<LayerResult> VerifyDrafts(const LayerCall& call);
+
+  // Keeps the first `accepted` drafts of each sequence on every layer, drops the rest.
+  absl::Status CommitDrafts(const std::string& tenant, const std::vector<CommitItem>& items);
+
+  // Folds buffers into states now on every layer (allocating states where needed).
+  absl::Status Flush(const std::string& tenant, const std::vector<uint64_t>& ids);
+
+  // Where a sequence stands (NOT_FOUND if unknown).
+  absl::StatusOr<SequenceInfo> Describe(const std::string& tenant, uint64_t id);
+
+  // Pools, counters and settings.
+  EngineInfo Info();
+
+  // Memory per sequence and sequences that fit, at `length` tokens with `drafts` per step.
+  CapacityEstimate EstimateCapacity(int64_t length, int32_t drafts);
+
+  // Closes sequences idle since before now - idle_ttl; returns how many.
+  int32_t ReclaimIdle(absl::Time now);
+
+  // Clock used for idle tracking (tests replace it).
+  void SetClockForTesting(absl::Time (*now)());
+
+  const EngineOptions& options() const { return options_; }
+
+ private:
+  Engine(EngineOptions options, std::unique_ptr<Backend> backend);
+
+  absl::StatusOr<LayerResult> RunLayer(const LayerCall& call, StepKind kind);
+
+  EngineOptions options_;
+  std::unique_ptr<Backend> backend_;
+  absl::Mutex mu_;
+  std::unique_ptr<SequenceTable> table_ ABSL_GUARDED_BY(mu_);
+  absl::Time (*now_)() = &absl::Now;
+};
+
+}  // namespace kvbuffer
