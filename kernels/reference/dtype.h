@@ -4,7 +4,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <string_view>
 
 namespace kvbuffer {
 
@@ -15,7 +14,7 @@ enum class DType : uint8_t { kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 constexpr size_t DTypeSize(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 // Upper-case name of `t` as the wire contract spells it ("FP32", "FP16", "BF16").
-constexpr std::string_view DTypeName(DType t) {
+constexpr const char* DTypeName(DType t) {
   switch (t) {
     case DType::kFloat32: return "FP32";
     case DType::kFloat16: return "FP16";

@@ -13,13 +13,13 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "service/engine/backend.h"
+#include "service/engine/capacity.h"
 #include "service/engine/engine_options.h"
+#include "service/engine/sequence_table.h"
+#include "service/engine/slot_pool.h"
 #include "service/engine/tensor.h"
 
 namespace kvbuffer {
-
-class SequenceTable;
-struct Sequence;
 
 // One sequence's part of a per-layer call: its id, the position the caller expects it to be at
 // on this layer (committed tokens), and how many tokens it brings.
@@ -63,18 +63,6 @@ struct SequenceInfo {
   bool has_state = false;
   int32_t buffer_pages = 0;
   int64_t bytes = 0;               // pool bytes this sequence holds
-};
-
-// Memory one sequence needs in each layout, for capacity planning.
-struct CapacityEstimate {
-  int64_t length = 0;
-  int32_t drafts = 0;
-  int64_t kvbuffer_bytes_per_sequence = 0;
-  int64_t recurrent_bytes_per_sequence = 0;  // (1 + drafts) x (state + conv window)
-  int64_t max_sequences_now = 0;   // that fit in the free pools as configured
-  int64_t max_sequences_at_equal_memory = 0;   // if the whole pool budget held such sequences
-  int64_t recurrent_sequences_at_equal_memory = 0;
-  double ratio = 0;  // max_sequences_at_equal_memory / recurrent_sequences_at_equal_memory
 };
 
 // Everything GetServerInfo reports.
@@ -142,11 +130,26 @@ class Engine {
   Engine(EngineOptions options, std::unique_ptr<Backend> backend);
 
   absl::StatusOr<LayerResult> RunLayer(const LayerCall& call, StepKind kind);
+  absl::Status ValidateActivations(const LayerCall& call, int64_t total_tokens) const;
+  absl::StatusOr<LayerResult> Replay(const LayerCall& call, std::vector<Sequence*>& seqs);
+  absl::Status ResizePages(Sequence* seq, int32_t rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Release(Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int32_t PagesFor(int32_t rows) const;
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
+  PoolElementBytes element_bytes_;
   absl::Mutex mu_;
-  std::unique_ptr<SequenceTable> table_ ABSL_GUARDED_BY(mu_);
+  SequenceTable table_ ABSL_GUARDED_BY(mu_);
+  SlotPool conv_pool_ ABSL_GUARDED_BY(mu_);
+  SlotPool state_pool_ ABSL_GUARDED_BY(mu_);
+  SlotPool page_pool_ ABSL_GUARDED_BY(mu_);
+  int64_t flushes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t drafts_verified_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t drafts_accepted_ ABSL_GUARDED_BY(mu_) = 0;
+  // Scratch reused across calls (no allocation on the per-step path once warm).
+  std::vector<StepItem> items_ ABSL_GUARDED_BY(mu_);
+  std::vector<int32_t> page_table_ ABSL_GUARDED_BY(mu_);
   absl::Time (*now_)() = &absl::Now;
 };
 
