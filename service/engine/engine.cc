@@ -155,6 +155,13 @@ absl::Status Engine::Open(const std::string& tenant, const std::vector<uint64_t>
       return absl::AlreadyExistsError(absl::StrCat("sequence ", ids[i], " is already open"));
     }
   }
+  if (options_.max_sequences_per_tenant > 0 &&
+      table_.CountTenant(tenant) + static_cast<int32_t>(ids.size()) >
+          options_.max_sequences_per_tenant) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant quota: ", table_.CountTenant(tenant), " sequences open, ", ids.size(),
+        " asked, max_sequences_per_tenant=", options_.max_sequences_per_tenant));
+  }
   if (conv_pool_.free() < static_cast<int32_t>(ids.size())) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "sequence table is full: ", ids.size(), " sequences asked, ", conv_pool_.free(),

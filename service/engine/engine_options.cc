@@ -23,6 +23,7 @@ absl::Status ValidateEngineOptions(const EngineOptions& o) {
                          range("stateless_limit", o.stateless_limit, 0, 65536),
                          range("max_drafts", o.max_drafts, 1, 16),
                          range("max_sequences", o.max_sequences, 1, 1 << 24),
+                         range("max_sequences_per_tenant", o.max_sequences_per_tenant, 0, 1 << 24),
                          range("state_slots", o.state_slots, 0, 1 << 24),
                          range("buffer_pages", o.buffer_pages, 0, 1 << 26),
                          range("page_tokens", o.page_tokens, 1, 1024),

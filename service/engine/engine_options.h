@@ -26,6 +26,7 @@ struct EngineOptions {
 
   // Pools.
   int32_t max_sequences = 256;  // conv slots / open sequences
+  int32_t max_sequences_per_tenant = 0;  // open sequences one tenant may hold (0: no quota)
   int32_t state_slots = 64;     // sequences that may hold a state at once
   int32_t buffer_pages = 1024;  // pages of page_tokens rows (all layers)
   int32_t page_tokens = 16;

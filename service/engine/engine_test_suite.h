@@ -394,4 +394,17 @@ TEST_P(EngineSuite, TenantsCannotSeeEachOthersSequences) {
   EXPECT_TRUE(engine->Describe("bob", 1).ok());
 }
 
+TEST_P(EngineSuite, TenantQuotaLimitsOpenSequences) {
+  EngineOptions o = SmallOptions();
+  o.max_sequences_per_tenant = 2;
+  KVB_ENGINE_OR_SKIP(engine, o);
+  ASSERT_TRUE(engine->Open("alice", {1, 2}).ok());
+  absl::Status s = engine->Open("alice", {3});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_NE(s.message().find("max_sequences_per_tenant=2"), std::string::npos) << s;
+  EXPECT_TRUE(engine->Open("bob", {1, 2}).ok());  // quotas are per tenant
+  ASSERT_TRUE(engine->Close("alice", {1}).ok());
+  EXPECT_TRUE(engine->Open("alice", {3}).ok());
+}
+
 }  // namespace kvbuffer::testing

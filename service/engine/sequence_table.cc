@@ -21,9 +21,19 @@ Sequence* SequenceTable::Insert(const std::string& tenant, uint64_t id) {
   seq->id = id;
   Sequence* raw = seq.get();
   map_.emplace(Key(tenant, id), std::move(seq));
+  ++per_tenant_[tenant];
   return raw;
 }
 
-void SequenceTable::Erase(const std::string& tenant, uint64_t id) { map_.erase(Key(tenant, id)); }
+void SequenceTable::Erase(const std::string& tenant, uint64_t id) {
+  if (map_.erase(Key(tenant, id)) == 0) return;
+  auto it = per_tenant_.find(tenant);
+  if (--it->second == 0) per_tenant_.erase(it);
+}
+
+int32_t SequenceTable::CountTenant(const std::string& tenant) const {
+  auto it = per_tenant_.find(tenant);
+  return it == per_tenant_.end() ? 0 : it->second;
+}
 
 }  // namespace kvbuffer

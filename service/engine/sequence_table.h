@@ -66,10 +66,13 @@ class SequenceTable {
   void Erase(const std::string& tenant, uint64_t id);
 
   int32_t size() const { return static_cast<int32_t>(map_.size()); }
+  // Open sequences of one tenant.
+  int32_t CountTenant(const std::string& tenant) const;
   std::map<Key, std::unique_ptr<Sequence>>& all() { return map_; }
 
  private:
   std::map<Key, std::unique_ptr<Sequence>> map_;
+  std::map<std::string, int32_t> per_tenant_;
 };
 
 }  // namespace kvbuffer
