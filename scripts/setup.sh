@@ -24,3 +24,7 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "setup: system packages ready"
+
+# Python client venv (grpcio, numpy, pytest) and offline manifest-validation tools, from PyPI.
+bash tools/setup-python.sh
+bash deploy/setup-tools.sh

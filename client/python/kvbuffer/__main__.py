@@ -1,0 +1,5 @@
+import sys
+
+from kvbuffer.cli import main
+
+sys.exit(main())
