@@ -1,0 +1,850 @@
+// CudaBackend: device pools, per-call uploads through pinned staging, and the kernel sequence of
+// each Backend operation. One stream; one host synchronisation at the end of each call.
+#include "service/engine/cuda/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/cuda/buffered_step.h"
+#include "kernels/cuda/chunked_prefill.h"
+#include "kernels/cuda/gdn_device.h"
+#include "kernels/cuda/token_prep.h"
+
+namespace kvbuffer {
+namespace {
+
+namespace kc = ::kvbuffer::cuda;
+
+absl::Status CudaError(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat("CUDA error in ", what, ": ", cudaGetErrorName(e), " (",
+                                          cudaGetErrorString(e), ")"));
+}
+
+#define KVB_CUDA_RETURN(expr)                                       \
+  do {                                                              \
+    const cudaError_t kvb_err_ = (expr);                            \
+    if (kvb_err_ != cudaSuccess) return CudaError(kvb_err_, #expr); \
+  } while (0)
+
+bool ValidDType(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+size_t AlignUp(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
+
+// A device allocation that grows on demand (calls are serialised and synchronised at their end,
+// so nothing is in flight when it grows).
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t cap = 0;
+  cudaError_t Reserve(size_t bytes) {
+    if (bytes <= cap) return cudaSuccess;
+    if (ptr != nullptr) cudaFree(ptr);
+    ptr = nullptr;
+    cap = 0;
+    const size_t want = std::max<size_t>(AlignUp(bytes + bytes / 4), 1 << 20);
+    cudaError_t e = cudaMalloc(&ptr, want);
+    if (e == cudaSuccess) cap = want;
+    return e;
+  }
+  void Release() {
+    if (ptr != nullptr) cudaFree(ptr);
+    ptr = nullptr;
+    cap = 0;
+  }
+};
+
+// Pinned host staging that grows on demand.
+struct PinnedBuffer {
+  void* ptr = nullptr;
+  size_t cap = 0;
+  cudaError_t Reserve(size_t bytes) {
+    if (bytes <= cap) return cudaSuccess;
+    if (ptr != nullptr) cudaFreeHost(ptr);
+    ptr = nullptr;
+    cap = 0;
+    const size_t want = std::max<size_t>(AlignUp(bytes + bytes / 4), 1 << 20);
+    cudaError_t e = cudaHostAlloc(&ptr, want, cudaHostAllocDefault);
+    if (e == cudaSuccess) cap = want;
+    return e;
+  }
+  void Release() {
+    if (ptr != nullptr) cudaFreeHost(ptr);
+    ptr = nullptr;
+    cap = 0;
+  }
+};
+
+// Sections of one upload: host bytes appended at 256-byte aligned offsets.
+class Upload {
+ public:
+  template <typename T>
+  size_t Add(const T* data, size_t count) {
+    return AddBytes(data, count * sizeof(T));
+  }
+  size_t AddBytes(const void* data, size_t bytes) {
+    const size_t at = AlignUp(size_);
+    parts_.push_back({at, data, bytes});
+    size_ = at + bytes;
+    return at;
+  }
+  size_t size() const { return size_; }
+  void CopyTo(uint8_t* dst) const {
+    for (const Part& p : parts_) {
+      if (p.bytes > 0) std::memcpy(dst + p.at, p.data, p.bytes);
+    }
+  }
+
+ private:
+  struct Part {
+    size_t at;
+    const void* data;
+    size_t bytes;
+  };
+  std::vector<Part> parts_;
+  size_t size_ = 0;
+};
+
+// One launch of the buffered kernel (plus its prep) over slices of items.
+struct Round {
+  std::vector<kc::StepDesc> descs;
+  std::vector<kc::PrepUnit> units;
+  int32_t max_tokens = 0;
+  int32_t max_rows = 0;
+  bool any_fold = false;
+  size_t descs_at = 0, units_at = 0;
+};
+
+class CudaBackend : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {}
+  ~CudaBackend() override { Free(); }
+
+  std::string Name() const override { return "cuda"; }
+
+  absl::Status Allocate(const ModelConfig& config, const std::vector<LayerParams>& params,
+                        const PoolSizes& sizes) override;
+  absl::Status RunLayerStep(const LayerStep& step) override;
+  absl::Status FoldBuffers(int32_t layer, std::span<const FoldItem> items,
+                           std::span<const int32_t> page_table) override;
+  absl::Status CommitConv(int32_t layer, std::span<const ConvCommitItem> items) override;
+  absl::Status ResetConv(std::span<const int32_t> conv_slots) override;
+  absl::Status ReadState(int32_t state_slot, int32_t layer, float* out) override;
+  BackendMemory Memory() const override;
+
+ private:
+  void Free();
+  absl::Status CheckReady(int32_t layer) const;
+  absl::Status CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
+                          int32_t num_pages, int64_t rows_needed, const char* what,
+                          size_t index) const;
+  kc::LayerWeights Weights(int32_t layer) const;
+  // Uploads `up` to d_in_ (through pinned staging) on the stream.
+  absl::Status Send(const Upload& up);
+  absl::Status Finish(const char* what);
+
+  CudaBackendOptions options_;
+  mutable absl::Mutex mu_;
+  bool allocated_ = false;
+  ModelConfig config_;
+  PoolSizes sizes_;
+  PoolElementBytes bytes_;
+  kc::Geometry geo_;
+  kc::Pools pools_;
+  cudaStream_t stream_ = nullptr;
+  float* d_weights_ = nullptr;  // conv [L][ch][W], then A_log [L][HV], then dt_bias [L][HV]
+  DeviceBuffer d_in_, d_out_, d_prep_, d_prep16_, d_chunk_, d_counters_;
+  PinnedBuffer h_in_, h_out_;
+  size_t counters_cap_ = 0;
+};
+
+void CudaBackend::Free() {
+  if (stream_ != nullptr) {
+    cudaSetDevice(options_.device);
+    cudaStreamSynchronize(stream_);
+  }
+  if (pools_.states != nullptr) cudaFree(pools_.states);
+  if (pools_.pages != nullptr) cudaFree(pools_.pages);
+  if (pools_.conv != nullptr) cudaFree(pools_.conv);
+  if (d_weights_ != nullptr) cudaFree(d_weights_);
+  pools_ = {};
+  d_weights_ = nullptr;
+  for (DeviceBuffer* b : {&d_in_, &d_out_, &d_prep_, &d_prep16_, &d_chunk_, &d_counters_}) {
+    b->Release();
+  }
+  h_in_.Release();
+  h_out_.Release();
+  counters_cap_ = 0;
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  stream_ = nullptr;
+  allocated_ = false;
+}
+
+absl::Status CudaBackend::Allocate(const ModelConfig& config,
+                                   const std::vector<LayerParams>& params, const PoolSizes& sizes) {
+  absl::MutexLock lock(&mu_);
+  if (std::string m = ValidateModelConfig(config); !m.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("model: ", m));
+  }
+  if (config.head_v_dim % 4 != 0) {
+    return absl::InvalidArgumentError("CudaBackend: head_v_dim must be a multiple of 4");
+  }
+  if (static_cast<int64_t>(params.size()) != config.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("params: expected ", config.num_layers, " layers, got ", params.size()));
+  }
+  for (size_t l = 0; l < params.size(); ++l) {
+    const LayerParams& p = params[l];
+    if (static_cast<int64_t>(p.conv_weight.size()) !=
+            static_cast<int64_t>(config.channels()) * config.conv_width ||
+        static_cast<int32_t>(p.a_log.size()) != config.num_v_heads ||
+        static_cast<int32_t>(p.dt_bias.size()) != config.num_v_heads) {
+      return absl::InvalidArgumentError(absl::StrCat("params[", l, "]: wrong sizes"));
+    }
+  }
+  if (sizes.state_slots < 0 || sizes.buffer_pages < 0 || sizes.conv_slots < 0 ||
+      sizes.page_tokens < 1 || sizes.max_drafts < 0) {
+    return absl::InvalidArgumentError("pool sizes must be >= 0 and page_tokens >= 1");
+  }
+  if (!ValidDType(sizes.buffer_dtype) || !ValidDType(sizes.conv_dtype)) {
+    return absl::InvalidArgumentError("buffer_dtype and conv_dtype must be FP32, FP16 or BF16");
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || options_.device >= count) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError(
+        absl::StrCat("CudaBackend: no CUDA device ", options_.device, " (", count, " visible)"));
+  }
+  Free();
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  const PoolElementBytes bytes = ComputePoolElementBytes(config, sizes);
+  const size_t state_bytes = static_cast<size_t>(sizes.state_slots) * bytes.state_slot;
+  const size_t page_bytes = static_cast<size_t>(sizes.buffer_pages) * bytes.buffer_page;
+  const size_t conv_bytes = static_cast<size_t>(sizes.conv_slots) * bytes.conv_slot;
+  size_t free_b = 0, total_b = 0;
+  KVB_CUDA_RETURN(cudaMemGetInfo(&free_b, &total_b));
+  if (state_bytes + page_bytes + conv_bytes > free_b) {
+    return absl::ResourceExhaustedError(absl::StrCat("pools need ",
+                                                     state_bytes + page_bytes + conv_bytes,
+                                                     " bytes, the device has ", free_b, " free"));
+  }
+  auto alloc = [](void** p, size_t n) -> cudaError_t {
+    if (n == 0) return cudaSuccess;
+    cudaError_t e = cudaMalloc(p, n);
+    if (e == cudaSuccess) e = cudaMemset(*p, 0, n);
+    return e;
+  };
+  void *st = nullptr, *pg = nullptr, *cv = nullptr;
+  cudaError_t e = alloc(&st, state_bytes);
+  if (e == cudaSuccess) e = alloc(&pg, page_bytes);
+  if (e == cudaSuccess) e = alloc(&cv, conv_bytes);
+  pools_.states = static_cast<float*>(st);
+  pools_.pages = static_cast<uint8_t*>(pg);
+  pools_.conv = cv;
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    Free();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate device pools: ", cudaGetErrorString(e)));
+  }
+  KVB_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // Layer weights.
+  const int32_t L = config.num_layers, ch = config.channels(), W = config.conv_width;
+  const int32_t HV = config.num_v_heads;
+  std::vector<float> w(static_cast<size_t>(L) * ch * W + 2 * static_cast<size_t>(L) * HV);
+  for (int32_t l = 0; l < L; ++l) {
+    std::copy(params[l].conv_weight.begin(), params[l].conv_weight.end(),
+              w.begin() + static_cast<size_t>(l) * ch * W);
+    std::copy(params[l].a_log.begin(), params[l].a_log.end(),
+              w.begin() + static_cast<size_t>(L) * ch * W + static_cast<size_t>(l) * HV);
+    std::copy(params[l].dt_bias.begin(), params[l].dt_bias.end(),
+              w.begin() + static_cast<size_t>(L) * ch * W + static_cast<size_t>(L + l) * HV);
+  }
+  KVB_CUDA_RETURN(cudaMalloc(&d_weights_, w.size() * sizeof(float)));
+  KVB_CUDA_RETURN(
+      cudaMemcpy(d_weights_, w.data(), w.size() * sizeof(float), cudaMemcpyHostToDevice));
+  config_ = config;
+  sizes_ = sizes;
+  bytes_ = bytes;
+  geo_.H = config.num_k_heads;
+  geo_.HV = HV;
+  geo_.K = config.head_k_dim;
+  geo_.V = config.head_v_dim;
+  geo_.W = W;
+  geo_.L = L;
+  geo_.channels = ch;
+  geo_.page_tokens = sizes.page_tokens;
+  geo_.max_drafts = sizes.max_drafts;
+  pools_.buffer_dtype = static_cast<int32_t>(sizes.buffer_dtype);
+  pools_.conv_dtype = static_cast<int32_t>(sizes.conv_dtype);
+  kc::ComputePageLayout(geo_, &pools_);
+  if (pools_.page_bytes != bytes.buffer_page) {
+    Free();
+    return absl::InternalError("CudaBackend: page layout disagrees with ComputePoolElementBytes");
+  }
+  allocated_ = true;
+  return absl::OkStatus();
+}
+
+kc::LayerWeights CudaBackend::Weights(int32_t layer) const {
+  const size_t L = config_.num_layers, ch = config_.channels(), W = config_.conv_width;
+  const size_t HV = config_.num_v_heads;
+  kc::LayerWeights w;
+  w.conv_w = d_weights_ + layer * ch * W;
+  w.a_log = d_weights_ + L * ch * W + layer * HV;
+  w.dt_bias = d_weights_ + L * ch * W + (L + layer) * HV;
+  return w;
+}
+
+absl::Status CudaBackend::CheckReady(int32_t layer) const {
+  if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " out of range [0, ", config_.num_layers, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
+                                     int32_t num_pages, int64_t rows_needed, const char* what,
+                                     size_t index) const {
+  if (page_offset < 0 || num_pages < 0 ||
+      static_cast<int64_t>(page_offset) + num_pages > static_cast<int64_t>(page_table.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: pages [", page_offset,
+                                                   ", +", num_pages, ") outside the page table of ",
+                                                   page_table.size()));
+  }
+  if (rows_needed > static_cast<int64_t>(num_pages) * sizes_.page_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: needs ", rows_needed,
+                                                   " buffer rows but holds ", num_pages,
+                                                   " pages of ", sizes_.page_tokens));
+  }
+  for (int32_t p = 0; p < num_pages; ++p) {
+    const int32_t page = page_table[page_offset + p];
+    if (page < 0 || page >= sizes_.buffer_pages) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, "[", index, "]: page ", page, " out of range [0, ", sizes_.buffer_pages, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Send(const Upload& up) {
+  if (up.size() == 0) return absl::OkStatus();
+  KVB_CUDA_RETURN(h_in_.Reserve(up.size()));
+  KVB_CUDA_RETURN(d_in_.Reserve(up.size()));
+  up.CopyTo(static_cast<uint8_t*>(h_in_.ptr));
+  KVB_CUDA_RETURN(
+      cudaMemcpyAsync(d_in_.ptr, h_in_.ptr, up.size(), cudaMemcpyHostToDevice, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Finish(const char* what) {
+  const cudaError_t e = cudaStreamSynchronize(stream_);
+  if (e != cudaSuccess) return CudaError(e, what);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckReady(step.layer); !s.ok()) return s;
+  if (step.kind != StepKind::kDecode && step.kind != StepKind::kVerify &&
+      step.kind != StepKind::kPrefill) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown step kind ", static_cast<int>(step.kind)));
+  }
+  if (!ValidDType(step.in_dtype) || !ValidDType(step.out_dtype)) {
+    return absl::InvalidArgumentError("in_dtype and out_dtype must be FP32, FP16 or BF16");
+  }
+  if (step.total_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("total_tokens ", step.total_tokens, " < 0"));
+  }
+  if (step.items.empty()) return absl::OkStatus();
+  if (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr) {
+    return absl::InvalidArgumentError("qkv, a, b and out must not be null");
+  }
+  const bool tensor_core = options_.prefill == CudaPrefillMode::kTensorCore &&
+                           kc::ChunkedPrefillSupported(geo_.K, geo_.V);
+  for (size_t i = 0; i < step.items.size(); ++i) {
+    const StepItem& it = step.items[i];
+    auto bad = [i](auto&&... parts) {
+      return absl::InvalidArgumentError(absl::StrCat("items[", i, "]: ", parts...));
+    };
+    if (it.num_tokens < 1) return bad("num_tokens ", it.num_tokens, " must be >= 1");
+    if (it.token_offset < 0 ||
+        static_cast<int64_t>(it.token_offset) + it.num_tokens > step.total_tokens) {
+      return bad("tokens [", it.token_offset, ", +", it.num_tokens, ") outside total_tokens ",
+                 step.total_tokens);
+    }
+    if (it.state_slot < -1 || it.state_slot >= sizes_.state_slots) {
+      return bad("state_slot ", it.state_slot, " out of range [-1, ", sizes_.state_slots, ")");
+    }
+    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
+      return bad("conv_slot ", it.conv_slot, " out of range [0, ", sizes_.conv_slots, ")");
+    }
+    if (it.buffer_rows < 0) return bad("buffer_rows ", it.buffer_rows, " < 0");
+    if ((it.fold_first || it.state_is_new) && it.state_slot < 0) {
+      return bad("fold_first/state_is_new need a state slot");
+    }
+    if (step.kind == StepKind::kVerify &&
+        (it.num_tokens > sizes_.max_drafts || it.num_tokens > kc::kMaxStepTokens)) {
+      return bad(it.num_tokens, " drafts exceed max_drafts ", sizes_.max_drafts, " (or ",
+                 kc::kMaxStepTokens, ")");
+    }
+    int64_t rows_after = 0;
+    if (it.chunked) {
+      if (step.kind != StepKind::kPrefill) return bad("chunked is only valid for prefill");
+      if (it.state_slot < 0) return bad("chunked needs a state slot");
+      if (!it.fold_first && it.buffer_rows != 0) {
+        return bad("chunked needs fold_first or an empty buffer, has ", it.buffer_rows, " rows");
+      }
+      if (it.fold_tokens < 0 || it.fold_tokens > it.num_tokens) {
+        return bad("fold_tokens ", it.fold_tokens, " outside [0, ", it.num_tokens, "]");
+      }
+      rows_after = it.num_tokens - it.fold_tokens;
+    } else {
+      rows_after = (it.fold_first ? 0 : static_cast<int64_t>(it.buffer_rows)) + it.num_tokens;
+    }
+    const int64_t needed = std::max<int64_t>(it.buffer_rows, rows_after);
+    if (absl::Status s =
+            CheckPages(step.page_table, it.page_offset, it.num_pages, needed, "items", i);
+        !s.ok()) {
+      return s;
+    }
+  }
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+
+  // Plan. Items in slices of <= kMaxStepTokens tokens through the buffered kernel (rounds), or,
+  // for chunked items in tensor-core mode, through the UT kernels.
+  const bool verify = step.kind == StepKind::kVerify;
+  const int32_t S = kc::kMaxStepTokens;
+  std::vector<Round> rounds;
+  auto add_slice = [&](size_t r, const kc::StepDesc& d) {
+    if (rounds.size() <= r) rounds.resize(r + 1);
+    Round& R = rounds[r];
+    kc::PrepUnit u;
+    u.item = static_cast<int32_t>(R.descs.size());
+    u.t_begin = 0;
+    u.t_end = d.num_tokens;
+    u.flags = verify ? kc::kStoreDrafts : kc::kInlineWindow;
+    R.units.push_back(u);
+    R.descs.push_back(d);
+    R.max_tokens = std::max(R.max_tokens, d.num_tokens);
+    if (d.flags & kc::kFoldFirst) {
+      R.any_fold = true;
+    } else {
+      R.max_rows = std::max(R.max_rows, d.buffer_rows);
+    }
+  };
+  std::vector<kc::StepDesc> pre_fold, chunk_descs;
+  std::vector<kc::PrepUnit> chunk_prep;
+  std::vector<kc::ChunkUnit> chunk_units;
+  std::vector<kc::ChunkItem> chunk_items;
+  std::vector<int32_t> window_ids;
+  for (const StepItem& it : step.items) {
+    kc::StepDesc base;
+    base.state_slot = it.state_slot;
+    base.page_offset = it.page_offset;
+    base.conv_slot = it.conv_slot;
+    const int32_t first_flags =
+        (it.fold_first ? kc::kFoldFirst : 0) | (it.state_is_new ? kc::kStateNew : 0);
+    if (it.chunked && tensor_core) {
+      if (it.fold_first || it.state_is_new) {
+        kc::StepDesc f = base;
+        f.num_tokens = 0;
+        f.flags = first_flags;
+        f.buffer_rows = it.buffer_rows;
+        pre_fold.push_back(f);
+      }
+      kc::StepDesc d = base;
+      d.token_offset = it.token_offset;
+      d.num_tokens = it.num_tokens;
+      d.fold_tokens = it.fold_tokens;
+      const int32_t idx = static_cast<int32_t>(chunk_descs.size());
+      chunk_descs.push_back(d);
+      window_ids.push_back(idx);
+      kc::ChunkItem ci;
+      ci.item = idx;
+      ci.unit_begin = static_cast<int32_t>(chunk_units.size());
+      auto add_units = [&](int32_t begin, int32_t end, int32_t tail) {
+        for (int32_t t = begin; t < end; t += kc::kChunk) {
+          kc::ChunkUnit cu;
+          cu.item = idx;
+          cu.t_begin = t;
+          cu.len = std::min(kc::kChunk, end - t);
+          cu.tail = tail;
+          chunk_units.push_back(cu);
+          kc::PrepUnit pu;
+          pu.item = idx;
+          pu.t_begin = t;
+          pu.t_end = t + cu.len;
+          pu.flags = kc::kChunkMode;
+          chunk_prep.push_back(pu);
+        }
+      };
+      add_units(0, it.fold_tokens, 0);
+      ci.unit_fold_end = static_cast<int32_t>(chunk_units.size());
+      add_units(it.fold_tokens, it.num_tokens, 1);
+      ci.unit_end = static_cast<int32_t>(chunk_units.size());
+      chunk_items.push_back(ci);
+      continue;
+    }
+    if (it.chunked) {
+      // Exact chunked path: slices folded into the state at their end, then the tail as rows.
+      const int32_t f = it.fold_tokens;
+      size_t r = 0;
+      bool first = true;
+      for (int32_t t = 0; t < f; t += S, ++r) {
+        kc::StepDesc d = base;
+        d.token_offset = it.token_offset + t;
+        d.num_tokens = std::min(S, f - t);
+        d.flags = kc::kFoldAfter | (first ? first_flags : 0);
+        d.buffer_rows = first ? it.buffer_rows : 0;
+        add_slice(r, d);
+        first = false;
+      }
+      for (int32_t t = f; t < it.num_tokens; t += S, ++r) {
+        kc::StepDesc d = base;
+        d.token_offset = it.token_offset + t;
+        d.num_tokens = std::min(S, it.num_tokens - t);
+        d.flags = first ? first_flags : 0;
+        d.buffer_rows = first ? it.buffer_rows : t - f;
+        add_slice(r, d);
+        first = false;
+      }
+      continue;
+    }
+    const int32_t n_eff = it.fold_first ? 0 : it.buffer_rows;
+    size_t r = 0;
+    for (int32_t t = 0; t < it.num_tokens; t += S, ++r) {
+      kc::StepDesc d = base;
+      d.token_offset = it.token_offset + t;
+      d.num_tokens = std::min(S, it.num_tokens - t);
+      d.flags = (t == 0 ? first_flags : 0) | (verify ? kc::kVerify : 0);
+      d.buffer_rows = t == 0 ? it.buffer_rows : n_eff + t;
+      add_slice(r, d);
+    }
+  }
+
+  // Upload: page table, descriptors, activations.
+  Upload up;
+  const size_t pt_at = up.Add(step.page_table.data(), step.page_table.size());
+  for (Round& R : rounds) {
+    R.descs_at = up.Add(R.descs.data(), R.descs.size());
+    R.units_at = up.Add(R.units.data(), R.units.size());
+  }
+  const size_t pre_at = up.Add(pre_fold.data(), pre_fold.size());
+  const size_t cdesc_at = up.Add(chunk_descs.data(), chunk_descs.size());
+  const size_t cprep_at = up.Add(chunk_prep.data(), chunk_prep.size());
+  const size_t cunit_at = up.Add(chunk_units.data(), chunk_units.size());
+  const size_t citem_at = up.Add(chunk_items.data(), chunk_items.size());
+  const size_t win_at = up.Add(window_ids.data(), window_ids.size());
+  const size_t T = static_cast<size_t>(step.total_tokens);
+  const size_t in_es = DTypeSize(step.in_dtype);
+  const size_t HV = geo_.HV, ch = geo_.channels;
+  const size_t qkv_at = up.AddBytes(step.qkv, T * ch * in_es);
+  const size_t a_at = up.AddBytes(step.a, T * HV * in_es);
+  const size_t b_at = up.AddBytes(step.b, T * HV * in_es);
+  if (absl::Status s = Send(up); !s.ok()) return s;
+  uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
+  auto dptr = [din](size_t at) { return din + at; };
+
+  // Scratch.
+  const size_t HK = static_cast<size_t>(geo_.H) * geo_.K, HVV = HV * geo_.V;
+  const size_t out_bytes = T * HVV * DTypeSize(step.out_dtype);
+  KVB_CUDA_RETURN(d_out_.Reserve(out_bytes));
+  KVB_CUDA_RETURN(d_prep_.Reserve(T * (2 * HK + HVV + 2 * HV) * sizeof(float)));
+  kc::Prepared prep;
+  float* pf = static_cast<float*>(d_prep_.ptr);
+  prep.q = pf;
+  prep.k = prep.q + T * HK;
+  prep.v = prep.k + T * HK;
+  prep.G = prep.v + T * HVV;
+  prep.beta = prep.G + T * HV;
+  if (!chunk_units.empty()) {
+    KVB_CUDA_RETURN(d_prep16_.Reserve(T * (2 * HK + HVV) * sizeof(uint16_t)));
+    prep.qh = static_cast<uint16_t*>(d_prep16_.ptr);
+    prep.kh = prep.qh + T * HK;
+    prep.vh = prep.kh + T * HK;
+  }
+  size_t max_descs = pre_fold.size();
+  for (const Round& R : rounds) max_descs = std::max(max_descs, R.descs.size());
+  if (max_descs * geo_.H > counters_cap_) {
+    const size_t want = std::max<size_t>(max_descs * geo_.H * 2, 1024);
+    KVB_CUDA_RETURN(d_counters_.Reserve(want * sizeof(int32_t)));
+    KVB_CUDA_RETURN(cudaMemsetAsync(d_counters_.ptr, 0, want * sizeof(int32_t), stream_));
+    counters_cap_ = want;
+  }
+
+  const kc::LayerWeights weights = Weights(step.layer);
+  const auto* page_table = reinterpret_cast<const int32_t*>(dptr(pt_at));
+  kc::StepArgs sa;
+  sa.g = geo_;
+  sa.layer = step.layer;
+  sa.page_table = page_table;
+  sa.pools = pools_;
+  sa.prep = prep;
+  sa.out = d_out_.ptr;
+  sa.out_dtype = static_cast<int32_t>(step.out_dtype);
+  sa.counters = static_cast<int32_t*>(d_counters_.ptr);
+  kc::PrepArgs pa;
+  pa.g = geo_;
+  pa.layer = step.layer;
+  pa.page_table = page_table;
+  pa.pools = pools_;
+  pa.w = weights;
+  pa.qkv = dptr(qkv_at);
+  pa.a = dptr(a_at);
+  pa.b = dptr(b_at);
+  pa.in_dtype = static_cast<int32_t>(step.in_dtype);
+  pa.out = prep;
+
+  // Tensor-core chunked items.
+  if (!chunk_units.empty()) {
+    const size_t units = chunk_units.size();
+    const size_t w_elems = units * HV * kc::kChunk * geo_.K;
+    const size_t u_elems = units * HV * kc::kChunk * geo_.V;
+    const size_t p_elems = units * HV * kc::kChunk * kc::kChunk;
+    KVB_CUDA_RETURN(d_chunk_.Reserve((w_elems + u_elems + p_elems) * sizeof(uint16_t)));
+    if (!pre_fold.empty()) {
+      kc::StepArgs f = sa;
+      f.items = reinterpret_cast<const kc::StepDesc*>(dptr(pre_at));
+      f.num_items = static_cast<int32_t>(pre_fold.size());
+      f.max_tokens = 0;
+      f.max_rows = 0;
+      f.any_fold = true;
+      KVB_CUDA_RETURN(kc::LaunchBufferedStep(f, stream_));
+    }
+    kc::PrepArgs p = pa;
+    p.items = reinterpret_cast<const kc::StepDesc*>(dptr(cdesc_at));
+    p.units = reinterpret_cast<const kc::PrepUnit*>(dptr(cprep_at));
+    p.num_units = static_cast<int32_t>(chunk_prep.size());
+    p.chunk_only = true;
+    KVB_CUDA_RETURN(kc::LaunchTokenPrep(p, stream_));
+    kc::WindowAdvanceArgs wa;
+    wa.g = geo_;
+    wa.layer = step.layer;
+    wa.items = p.items;
+    wa.item_ids = reinterpret_cast<const int32_t*>(dptr(win_at));
+    wa.num = static_cast<int32_t>(window_ids.size());
+    wa.pools = pools_;
+    wa.qkv = pa.qkv;
+    wa.in_dtype = pa.in_dtype;
+    KVB_CUDA_RETURN(kc::LaunchConvWindowAdvance(wa, stream_));
+    kc::ChunkArgs ca;
+    ca.g = geo_;
+    ca.layer = step.layer;
+    ca.items = p.items;
+    ca.units = reinterpret_cast<const kc::ChunkUnit*>(dptr(cunit_at));
+    ca.num_units = static_cast<int32_t>(units);
+    ca.chunk_items = reinterpret_cast<const kc::ChunkItem*>(dptr(citem_at));
+    ca.num_chunk_items = static_cast<int32_t>(chunk_items.size());
+    ca.page_table = page_table;
+    ca.pools = pools_;
+    ca.prep = prep;
+    ca.scratch.W = static_cast<uint16_t*>(d_chunk_.ptr);
+    ca.scratch.U = ca.scratch.W + w_elems;
+    ca.scratch.P = ca.scratch.U + u_elems;
+    ca.out = d_out_.ptr;
+    ca.out_dtype = sa.out_dtype;
+    KVB_CUDA_RETURN(kc::LaunchChunkedPrefill(ca, stream_));
+  }
+
+  // Buffered rounds.
+  for (const Round& R : rounds) {
+    kc::PrepArgs p = pa;
+    p.items = reinterpret_cast<const kc::StepDesc*>(dptr(R.descs_at));
+    p.units = reinterpret_cast<const kc::PrepUnit*>(dptr(R.units_at));
+    p.num_units = static_cast<int32_t>(R.units.size());
+    p.max_unit_tokens = R.max_tokens;
+    KVB_CUDA_RETURN(kc::LaunchTokenPrep(p, stream_));
+    kc::StepArgs s = sa;
+    s.items = p.items;
+    s.num_items = static_cast<int32_t>(R.descs.size());
+    s.max_tokens = R.max_tokens;
+    s.max_rows = R.max_rows;
+    s.any_fold = R.any_fold;
+    KVB_CUDA_RETURN(kc::LaunchBufferedStep(s, stream_));
+  }
+
+  KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
+  KVB_CUDA_RETURN(
+      cudaMemcpyAsync(h_out_.ptr, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
+  if (absl::Status s = Finish("RunLayerStep"); !s.ok()) return s;
+  std::memcpy(step.out, h_out_.ptr, out_bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> items,
+                                      std::span<const int32_t> page_table) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckReady(layer); !s.ok()) return s;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const FoldItem& it = items[i];
+    if (it.state_slot < 0 || it.state_slot >= sizes_.state_slots) {
+      return absl::InvalidArgumentError(absl::StrCat("fold items[", i, "]: state_slot ",
+                                                     it.state_slot, " out of range [0, ",
+                                                     sizes_.state_slots, ")"));
+    }
+    if (it.buffer_rows < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("fold items[", i, "]: buffer_rows ", it.buffer_rows, " < 0"));
+    }
+    if (absl::Status s =
+            CheckPages(page_table, it.page_offset, it.num_pages, it.buffer_rows, "fold items", i);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (items.empty()) return absl::OkStatus();
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  std::vector<kc::StepDesc> descs;
+  for (const FoldItem& it : items) {
+    kc::StepDesc d;
+    d.num_tokens = 0;
+    d.state_slot = it.state_slot;
+    d.flags = kc::kFoldFirst | (it.state_is_new ? kc::kStateNew : 0);
+    d.buffer_rows = it.buffer_rows;
+    d.page_offset = it.page_offset;
+    descs.push_back(d);
+  }
+  Upload up;
+  const size_t pt_at = up.Add(page_table.data(), page_table.size());
+  const size_t d_at = up.Add(descs.data(), descs.size());
+  if (absl::Status s = Send(up); !s.ok()) return s;
+  if (descs.size() * geo_.H > counters_cap_) {
+    const size_t want = std::max<size_t>(descs.size() * geo_.H * 2, 1024);
+    KVB_CUDA_RETURN(d_counters_.Reserve(want * sizeof(int32_t)));
+    KVB_CUDA_RETURN(cudaMemsetAsync(d_counters_.ptr, 0, want * sizeof(int32_t), stream_));
+    counters_cap_ = want;
+  }
+  uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
+  kc::StepArgs f;
+  f.g = geo_;
+  f.layer = layer;
+  f.items = reinterpret_cast<const kc::StepDesc*>(din + d_at);
+  f.num_items = static_cast<int32_t>(descs.size());
+  f.page_table = reinterpret_cast<const int32_t*>(din + pt_at);
+  f.pools = pools_;
+  f.counters = static_cast<int32_t*>(d_counters_.ptr);
+  f.any_fold = true;
+  KVB_CUDA_RETURN(kc::LaunchBufferedStep(f, stream_));
+  return Finish("FoldBuffers");
+}
+
+absl::Status CudaBackend::CommitConv(int32_t layer, std::span<const ConvCommitItem> items) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckReady(layer); !s.ok()) return s;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const ConvCommitItem& it = items[i];
+    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
+      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: conv_slot ",
+                                                     it.conv_slot, " out of range [0, ",
+                                                     sizes_.conv_slots, ")"));
+    }
+    if (it.accepted < 0 || it.accepted > it.drafts || it.drafts > sizes_.max_drafts) {
+      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: need 0 <= accepted (",
+                                                     it.accepted, ") <= drafts (", it.drafts,
+                                                     ") <= max_drafts (", sizes_.max_drafts, ")"));
+    }
+  }
+  if (items.empty()) return absl::OkStatus();
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  std::vector<int32_t> slots, accepted;
+  for (const ConvCommitItem& it : items) {
+    slots.push_back(it.conv_slot);
+    accepted.push_back(it.accepted);
+  }
+  Upload up;
+  const size_t s_at = up.Add(slots.data(), slots.size());
+  const size_t a_at = up.Add(accepted.data(), accepted.size());
+  if (absl::Status s = Send(up); !s.ok()) return s;
+  uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
+  KVB_CUDA_RETURN(kc::LaunchConvCommit(
+      geo_, layer, pools_, reinterpret_cast<const int32_t*>(din + s_at),
+      reinterpret_cast<const int32_t*>(din + a_at), static_cast<int32_t>(items.size()), stream_));
+  return Finish("CommitConv");
+}
+
+absl::Status CudaBackend::ResetConv(std::span<const int32_t> conv_slots) {
+  absl::MutexLock lock(&mu_);
+  if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
+  for (size_t i = 0; i < conv_slots.size(); ++i) {
+    if (conv_slots[i] < 0 || conv_slots[i] >= sizes_.conv_slots) {
+      return absl::InvalidArgumentError(absl::StrCat("conv_slots[", i, "] = ", conv_slots[i],
+                                                     " out of range [0, ", sizes_.conv_slots, ")"));
+    }
+  }
+  if (conv_slots.empty()) return absl::OkStatus();
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  for (int32_t slot : conv_slots) {
+    KVB_CUDA_RETURN(cudaMemsetAsync(
+        static_cast<uint8_t*>(pools_.conv) + static_cast<size_t>(slot) * bytes_.conv_slot, 0,
+        bytes_.conv_slot, stream_));
+  }
+  return Finish("ResetConv");
+}
+
+absl::Status CudaBackend::ReadState(int32_t state_slot, int32_t layer, float* out) {
+  absl::MutexLock lock(&mu_);
+  if (absl::Status s = CheckReady(layer); !s.ok()) return s;
+  if (state_slot < 0 || state_slot >= sizes_.state_slots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("state_slot ", state_slot, " out of range [0, ", sizes_.state_slots, ")"));
+  }
+  if (out == nullptr) return absl::InvalidArgumentError("ReadState: out is null");
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  const size_t n = static_cast<size_t>(config_.state_elems());
+  const float* src =
+      pools_.states + (static_cast<size_t>(state_slot) * config_.num_layers + layer) * n;
+  KVB_CUDA_RETURN(cudaMemcpyAsync(out, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  return Finish("ReadState");
+}
+
+BackendMemory CudaBackend::Memory() const {
+  absl::MutexLock lock(&mu_);
+  BackendMemory m;
+  if (!allocated_) return m;
+  m.pool_bytes = static_cast<int64_t>(sizes_.state_slots) * bytes_.state_slot +
+                 static_cast<int64_t>(sizes_.buffer_pages) * bytes_.buffer_page +
+                 static_cast<int64_t>(sizes_.conv_slots) * bytes_.conv_slot;
+  size_t free_b = 0, total_b = 0;
+  if (cudaSetDevice(options_.device) == cudaSuccess &&
+      cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+    m.device_total_bytes = static_cast<int64_t>(total_b);
+    m.device_free_bytes = static_cast<int64_t>(free_b);
+  } else {
+    cudaGetLastError();
+  }
+  return m;
+}
+
+}  // namespace
+
+int CudaDeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Backend> MakeCudaBackend(int device) {
+  CudaBackendOptions o;
+  o.device = device;
+  return MakeCudaBackend(o);
+}
+
+std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
+  return std::make_unique<CudaBackend>(options);
+}
+
+}  // namespace kvbuffer

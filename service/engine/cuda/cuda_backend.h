@@ -1,0 +1,37 @@
+// CudaBackend: the Backend on one CUDA device, built on kernels/cuda. Same semantics as CpuBackend
+// (service/engine/cpu_backend.h); no CUDA type appears in this header.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "service/engine/backend.h"
+
+namespace kvbuffer {
+
+// How chunked prefill items run on the device.
+enum class CudaPrefillMode : uint8_t {
+  // fp32 everywhere: chunked items are processed in slices of 16 tokens by the buffered kernel,
+  // each slice folded into the state at its end. Matches the fp64 oracle to ~1e-6.
+  kExact = 0,
+  // UT form on tensor cores (bf16 operands, fp32 accumulation and state): the fast path for long
+  // prompts; relative error against the oracle about 1e-2 (measured in bench/RESULTS.md).
+  kTensorCore = 1,
+};
+
+// Settings of a CUDA backend.
+struct CudaBackendOptions {
+  int device = 0;
+  CudaPrefillMode prefill = CudaPrefillMode::kExact;
+};
+
+// Number of usable CUDA devices; 0 when there is no device, driver or runtime.
+int CudaDeviceCount();
+
+// Creates a CUDA backend on `device` with exact prefill; Allocate fails if the device is missing.
+std::unique_ptr<Backend> MakeCudaBackend(int device);
+
+// Creates a CUDA backend with explicit options.
+std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options);
+
+}  // namespace kvbuffer
