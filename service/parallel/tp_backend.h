@@ -1,0 +1,158 @@
+// TpBackend: the Backend of rank 0 of a tensor-parallel group. The engine drives it like any
+// backend; each call becomes one command of the protocol (tp_protocol.h): the activations are
+// sliced per head shard on the host, moved once into transport memory and scattered to the
+// ranks, every rank runs its shard, and the outputs come back to rank 0 in head order. Rank 0
+// computes shard 0 itself. The other ranks run RunTpWorker: on threads owned by this backend
+// (MakeInProcessTpBackend: one process driving N GPUs) or in other processes (one per GPU).
+//
+// Failures: a round that misses options.op_timeout, a transport error, or ranks that disagree
+// (some applied a call, some did not) break the group for good: the transport is aborted, every
+// later call returns the breaking status (UNAVAILABLE or INTERNAL), Health() says so and
+// options.on_broken is called once. An idle group sends heartbeats so a dead rank is noticed.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "service/engine/backend.h"
+#include "service/parallel/head_shard.h"
+#include "service/parallel/host_buffer.h"
+#include "service/parallel/shard_compute.h"
+#include "service/parallel/tp_buffers.h"
+#include "service/parallel/tp_options.h"
+#include "service/parallel/tp_protocol.h"
+#include "service/parallel/tp_rank.h"
+#include "service/parallel/tp_transport.h"
+
+namespace kvbuffer::parallel {
+
+class TpBackend : public Backend {
+ public:
+  // Rank 0 over `transport` (rank 0 of its group) and `compute` (shard 0); the other ranks run
+  // elsewhere. Starts the heartbeat thread.
+  static absl::StatusOr<std::unique_ptr<TpBackend>> Create(std::unique_ptr<TpTransport> transport,
+                                                           std::unique_ptr<ShardCompute> compute,
+                                                           TpOptions options);
+  // Tells the workers to stop (when the group is healthy), stops the heartbeat and joins any
+  // in-process worker threads.
+  ~TpBackend() override;
+
+  // Returns shard 0's backend name with the group size, e.g. "cuda-tp2".
+  std::string Name() const override;
+
+  // Checks that the group size divides H, sends each rank its parameter slice and allocates
+  // every shard with the same pool sizes.
+  absl::Status Allocate(const ModelConfig& config, const std::vector<LayerParams>& params,
+                        const PoolSizes& sizes) override;
+
+  // Runs the step on every rank and gathers the outputs in head order.
+  absl::Status RunLayerStep(const LayerStep& step) override;
+
+  // Folds on every rank.
+  absl::Status FoldBuffers(int32_t layer, std::span<const FoldItem> items,
+                           std::span<const int32_t> page_table) override;
+
+  // Commits conv windows on every rank.
+  absl::Status CommitConv(int32_t layer, std::span<const ConvCommitItem> items) override;
+
+  // Zeroes conv windows on every rank.
+  absl::Status ResetConv(std::span<const int32_t> conv_slots) override;
+
+  // Gathers one layer of a state slot from every rank into out [HV][K][V].
+  absl::Status ReadState(int32_t state_slot, int32_t layer, float* out) override;
+
+  // Every rank's memory as of its last reply (every command and heartbeat refreshes it); never
+  // waits for a command in flight.
+  BackendMemory Memory() const override;
+
+  // OK while the group works; the status that broke it afterwards. Never waits for a command in
+  // flight (health checks stay responsive while a rank hangs).
+  absl::Status Health() const;
+
+  // Sends a heartbeat now (also what the heartbeat thread does); the group's health after it.
+  absl::Status Ping();
+
+  // Group size.
+  int32_t world_size() const { return world_; }
+
+ private:
+  friend absl::StatusOr<std::unique_ptr<TpBackend>> MakeInProcessTpBackend(
+      std::vector<std::unique_ptr<TpTransport>>, std::vector<std::unique_ptr<ShardCompute>>,
+      TpOptions);
+
+  // A rank > 0 run on a thread of this process.
+  struct InProcessWorker {
+    std::unique_ptr<TpTransport> transport;
+    std::unique_ptr<ShardCompute> compute;
+    std::thread thread;
+    absl::Status result;
+  };
+
+  TpBackend(std::unique_ptr<TpTransport> transport, std::unique_ptr<ShardCompute> compute,
+            TpOptions options);
+
+  // Writes the metadata into `dst` (h.meta_bytes bytes).
+  using MetaWriter = absl::FunctionRef<void(void* dst)>;
+  // Writes rank r's inputs into `dst` (h.input_bytes bytes).
+  using InputWriter = absl::FunctionRef<void(int32_t r, void* dst)>;
+  // Runs shard 0's part with its inputs and output payload in transport memory.
+  using LocalRunner = absl::FunctionRef<absl::Status(const void* inputs, void* payload)>;
+  // Enqueues the copies of the gathered payloads out of the gather buffer (slot bytes per rank).
+  using OutputReader = absl::FunctionRef<absl::Status(const uint8_t* gather, size_t slot)>;
+
+  // Runs one command on every rank (rounds A-C), combining the ranks' statuses.
+  absl::Status Command(CommandHeader& h, MetaWriter write_meta, InputWriter write_inputs,
+                       LocalRunner run_local, OutputReader read_outputs)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A command with no metadata, inputs or outputs (heartbeat, shutdown).
+  absl::Status Bare(TpOp op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Break(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckUsable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HeartbeatLoop();
+  void StartHeartbeat();
+
+  const TpOptions options_;
+  const int32_t world_;
+  mutable absl::Mutex mu_;
+  std::unique_ptr<TpTransport> transport_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<ShardCompute> compute_ ABSL_GUARDED_BY(mu_);
+  RankExecutor exec_ ABSL_GUARDED_BY(mu_);
+  absl::Status health_ ABSL_GUARDED_BY(mu_);
+  bool allocated_ ABSL_GUARDED_BY(mu_) = false;
+  ModelConfig config_ ABSL_GUARDED_BY(mu_);
+  std::vector<HeadShard> shards_ ABSL_GUARDED_BY(mu_);
+  ModelConfig shard_config_ ABSL_GUARDED_BY(mu_);
+  uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Time last_command_ ABSL_GUARDED_BY(mu_);
+  // What Health() and Memory() read without waiting for mu_.
+  mutable absl::Mutex stats_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  absl::Status published_health_ ABSL_GUARDED_BY(stats_mu_);
+  std::vector<BackendMemory> rank_memory_ ABSL_GUARDED_BY(stats_mu_);
+  std::vector<absl::Status> statuses_ ABSL_GUARDED_BY(mu_);
+  // Transport memory and its host staging, grown between commands.
+  TransportBuffer block_dev_, meta_dev_, in_dev_, gather_dev_;
+  TransportBuffer block_host_{true}, meta_host_{true}, in_host_{true}, status_host_{true},
+      out_host_{true};
+  // Heartbeat thread.
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread heartbeat_;
+  std::vector<InProcessWorker> workers_;
+  std::string name_;
+};
+
+// Mode A, one process driving every rank: transports[r] and computes[r] are rank r's. Ranks > 0
+// run RunTpWorker on threads owned by the returned backend (rank 0).
+absl::StatusOr<std::unique_ptr<TpBackend>> MakeInProcessTpBackend(
+    std::vector<std::unique_ptr<TpTransport>> transports,
+    std::vector<std::unique_ptr<ShardCompute>> computes, TpOptions options);
+
+}  // namespace kvbuffer::parallel

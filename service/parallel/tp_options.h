@@ -1,0 +1,29 @@
+// Settings of a tensor-parallel group's protocol (tp_protocol.h), shared by rank 0 and the
+// workers: block size of the command broadcast, deadlines, heartbeats.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace kvbuffer::parallel {
+
+struct TpOptions {
+  // Bytes of the fixed command block broadcast first (header + metadata + small inputs inline).
+  // Every rank must use the same value.
+  size_t command_bytes = 64 << 10;
+  // Longest a command's rounds may take on any rank before the group is declared broken.
+  absl::Duration op_timeout = absl::Seconds(60);
+  // Rank 0 sends a heartbeat (kNoop) after this long without a command (0: never); it also
+  // refreshes every rank's memory figures.
+  absl::Duration heartbeat_interval = absl::Seconds(2);
+  // A worker that hears nothing from rank 0 for this long gives up (rank 0 died or hangs).
+  absl::Duration idle_timeout = absl::Seconds(30);
+  // Rank 0: called once, under the group's lock, when the group breaks (mark health NOT_SERVING;
+  // do not call back into the backend).
+  std::function<void(const absl::Status&)> on_broken;
+};
+
+}  // namespace kvbuffer::parallel
