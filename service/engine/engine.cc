@@ -693,6 +693,14 @@ absl::StatusOr<SequenceInfo> Engine::Describe(const std::string& tenant, uint64_
   return info;
 }
 
+std::vector<SequenceKey> Engine::ListSequences() {
+  absl::MutexLock lock(&mu_);
+  std::vector<SequenceKey> keys;
+  keys.reserve(table_.all().size());
+  for (const auto& [key, seq] : table_.all()) keys.push_back({key.first, key.second});
+  return keys;
+}
+
 EngineInfo Engine::Info() {
   absl::MutexLock lock(&mu_);
   EngineInfo info;

@@ -65,6 +65,12 @@ struct SequenceInfo {
   int64_t bytes = 0;               // pool bytes this sequence holds
 };
 
+// The key of one open sequence: its tenant's namespace and its client-chosen id.
+struct SequenceKey {
+  std::string tenant;
+  uint64_t id = 0;
+};
+
 // Everything GetServerInfo reports.
 struct EngineInfo {
   EngineOptions options;
@@ -111,6 +117,9 @@ class Engine {
 
   // Where a sequence stands (NOT_FOUND if unknown).
   absl::StatusOr<SequenceInfo> Describe(const std::string& tenant, uint64_t id);
+
+  // Every open sequence of every tenant, ordered by (tenant, id) (for draining and operators).
+  std::vector<SequenceKey> ListSequences();
 
   // Pools, counters and settings.
   EngineInfo Info();

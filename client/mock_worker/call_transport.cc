@@ -1,0 +1,150 @@
+#include "client/mock_worker/call_transport.h"
+
+#include <deque>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "client/cpp/client_status.h"
+
+namespace kvbuffer::mock {
+
+absl::string_view CallName(const v1::StreamRequest& call) {
+  switch (call.call_case()) {
+    case v1::StreamRequest::kGetServerInfo:
+      return "GetServerInfo";
+    case v1::StreamRequest::kOpenSequences:
+      return "OpenSequences";
+    case v1::StreamRequest::kCloseSequences:
+      return "CloseSequences";
+    case v1::StreamRequest::kPrefill:
+      return "Prefill";
+    case v1::StreamRequest::kDecodeStep:
+      return "DecodeStep";
+    case v1::StreamRequest::kVerifyDrafts:
+      return "VerifyDrafts";
+    case v1::StreamRequest::kCommitDrafts:
+      return "CommitDrafts";
+    case v1::StreamRequest::kFlush:
+      return "Flush";
+    case v1::StreamRequest::CALL_NOT_SET:
+      return "(none)";
+  }
+  return "(unknown)";
+}
+
+namespace {
+
+void SetStatus(const absl::Status& s, v1::StreamResponse* r) {
+  r->set_status_code(static_cast<int>(s.code()));
+  r->set_status_message(std::string(s.message()));
+}
+
+class UnaryTransport final : public CallTransport {
+ public:
+  explicit UnaryTransport(client::Client* client) : client_(client) {}
+
+  absl::Status Run(absl::Span<v1::StreamRequest* const> calls,
+                   absl::Span<v1::StreamResponse* const> responses) override {
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const v1::StreamRequest& c = *calls[i];
+      v1::StreamResponse* r = responses[i];
+      r->Clear();
+      r->set_request_id(c.request_id());
+      const absl::Time start = absl::Now();
+      absl::Status s;
+      switch (c.call_case()) {
+        case v1::StreamRequest::kGetServerInfo: {
+          absl::StatusOr<v1::GetServerInfoResponse> info =
+              client_->GetServerInfo(c.get_server_info());
+          s = info.status();
+          if (info.ok()) *r->mutable_get_server_info() = std::move(*info);
+          break;
+        }
+        case v1::StreamRequest::kOpenSequences:
+          s = client_->OpenSequences(c.open_sequences().ids());
+          break;
+        case v1::StreamRequest::kCloseSequences:
+          s = client_->CloseSequences(c.close_sequences().ids());
+          break;
+        case v1::StreamRequest::kPrefill:
+          s = client_->Prefill(c.prefill(), r->mutable_layer_output());
+          break;
+        case v1::StreamRequest::kDecodeStep:
+          s = client_->DecodeStep(c.decode_step(), r->mutable_layer_output());
+          break;
+        case v1::StreamRequest::kVerifyDrafts:
+          s = client_->VerifyDrafts(c.verify_drafts(), r->mutable_layer_output());
+          break;
+        case v1::StreamRequest::kCommitDrafts:
+          s = client_->CommitDrafts(c.commit_drafts());
+          break;
+        case v1::StreamRequest::kFlush:
+          s = client_->Flush(c.flush().ids());
+          break;
+        case v1::StreamRequest::CALL_NOT_SET:
+          s = absl::InvalidArgumentError("call not set");
+          break;
+      }
+      latencies_.Record(CallName(c), absl::Now() - start);
+      SetStatus(s, r);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Close() override { return absl::OkStatus(); }
+
+ private:
+  client::Client* client_;
+};
+
+class StreamTransport final : public CallTransport {
+ public:
+  StreamTransport(client::Client* client, int window, absl::Duration timeout)
+      : session_(client->OpenStream(timeout)), window_(window < 1 ? 1 : window) {}
+
+  absl::Status Run(absl::Span<v1::StreamRequest* const> calls,
+                   absl::Span<v1::StreamResponse* const> responses) override {
+    std::deque<absl::Time> sent;  // send times of unanswered calls, oldest first
+    size_t received = 0;
+    auto receive_one = [&]() -> absl::Status {
+      v1::StreamResponse* r = responses[received];
+      if (absl::Status s = session_->Receive(r); !s.ok()) return s;
+      latencies_.Record(CallName(*calls[received]), absl::Now() - sent.front());
+      sent.pop_front();
+      ++received;
+      return absl::OkStatus();
+    };
+    for (v1::StreamRequest* c : calls) {
+      if (static_cast<int>(sent.size()) >= window_) {
+        if (absl::Status s = receive_one(); !s.ok()) return s;
+      }
+      sent.push_back(absl::Now());
+      absl::StatusOr<uint64_t> id = session_->Send(c);
+      if (!id.ok()) return id.status();
+    }
+    while (received < calls.size()) {
+      if (absl::Status s = receive_one(); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Close() override { return session_->Close(); }
+
+ private:
+  std::unique_ptr<client::StreamSession> session_;
+  int window_;
+};
+
+}  // namespace
+
+std::unique_ptr<CallTransport> MakeUnaryTransport(client::Client* client) {
+  return std::make_unique<UnaryTransport>(client);
+}
+
+std::unique_ptr<CallTransport> MakeStreamTransport(client::Client* client, int window,
+                                                   absl::Duration stream_timeout) {
+  return std::make_unique<StreamTransport>(client, window, stream_timeout);
+}
+
+}  // namespace kvbuffer::mock
