@@ -211,6 +211,7 @@ class Bench {
   // One timed variant over rotating slot sets: m tokens per item, n buffer rows, flags.
   // kind: 0 = recurrent, 1 = buffered step, 2 = prep only.
   int stagger_ns = 0;
+  int step_variant = 0;  // buffered-kernel variant Decode uses (kc::StepArgs::variant)
   double TimeVariant(int kind, int B, int m, int n, int flags, bool check_out, int variant = 0) {
     const int sets = std::min(kSlots / B, 128);
     std::vector<kc::StepDesc> d(static_cast<size_t>(sets) * B);
@@ -311,15 +312,16 @@ class Bench {
     double sum = 0;
     for (int i = 0; i < C; ++i) {
       const int n = i == 0 ? C : i;
-      const double us = TimeVariant(1, B, 1, n, i == 0 ? kc::kFoldFirst : 0, true);
+      const double us =
+          TimeVariant(1, B, 1, n, i == 0 ? kc::kFoldFirst : 0, true, step_variant);
       if (i == 0) r.fold_step_us = us;
       sum += us;
     }
     r.buffered_us = sum / C;
-    r.flush_us = TimeVariant(1, B, 0, C, kc::kFoldFirst, false);
+    r.flush_us = TimeVariant(1, B, 0, C, kc::kFoldFirst, false, step_variant);
     for (int m : {1, 2, 4, 8}) {
       const int n = std::max(0, std::min(C / 2, C - m));
-      r.verify_us.push_back(TimeVariant(1, B, m, n, kc::kVerify, true));
+      r.verify_us.push_back(TimeVariant(1, B, m, n, kc::kVerify, true, step_variant));
     }
     r.verify4_us = r.verify_us[2];
     return r;
@@ -656,12 +658,14 @@ const char* DtypeName(int32_t d) { return d == kc::kF32 ? "fp32" : "bf16"; }
 
 int Main(int argc, char** argv) {
   std::string out_path = "bench-result.json", commit = "unknown";
-  bool quick = false, profile = false;
+  bool quick = false, profile = false, fast = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--commit" && i + 1 < argc) commit = argv[++i];
     if (a == "--quick") quick = true;
+    // fp32 C=16 only (default and persistent v6 kernels), prefill 4 x 8192.
+    if (a == "--fast") fast = true;
     if (a == "--profile") profile = true;  // a few launches of each kernel, for ncu
   }
   cudaDeviceProp prop;
@@ -715,8 +719,10 @@ int Main(int argc, char** argv) {
   const std::vector<std::pair<int32_t, int>> sweep =
       quick
           ? std::vector<std::pair<int32_t, int>>{{kc::kBF16, 16}, {kc::kF32, 16}}
-          : std::vector<std::pair<int32_t, int>>{{kc::kF32, 8},  {kc::kF32, 16},  {kc::kF32, 32},
-                                                 {kc::kBF16, 8}, {kc::kBF16, 16}, {kc::kBF16, 32}};
+      : fast ? std::vector<std::pair<int32_t, int>>{{kc::kF32, 16}}
+             : std::vector<std::pair<int32_t, int>>{{kc::kF32, 8},  {kc::kF32, 16},
+                                                    {kc::kF32, 32}, {kc::kBF16, 8},
+                                                    {kc::kBF16, 16}, {kc::kBF16, 32}};
   for (auto [dtype, C] : sweep) {
     bench.SetBufferDtype(dtype);
     ConfigResult cr;
@@ -748,6 +754,26 @@ int Main(int argc, char** argv) {
     }
     configs.push_back(cr);
   }
+  // The persistent kernel (v6, variant 4) in the same run, fp32 rows, C = 16.
+  ConfigResult old;
+  old.dtype = kc::kF32;
+  old.C = 16;
+  bench.SetBufferDtype(kc::kF32);
+  bench.step_variant = 4;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    DecodeResult r = bench.Decode(batches[i], 16, false);
+    r.recurrent_us = rec[i].recurrent_us;
+    r.recurrent_tile_us = rec[i].recurrent_tile_us;
+    r.recurrent_reg_us = rec[i].recurrent_reg_us;
+    r.prep_us = rec[i].prep_us;
+    std::printf("v6 persistent fp32 C=16 B=%3d: buffered %8.1f us (%.3fx), fold step %8.1f, "
+                "flush %8.1f, verify4 %8.1f\n",
+                r.B, r.buffered_us, r.buffered_us / r.recurrent_us, r.fold_step_us, r.flush_us,
+                r.verify4_us);
+    std::fflush(stdout);
+    old.rows.push_back(r);
+  }
+  bench.step_variant = 0;
   // Best configuration: lowest geometric mean of buffered/recurrent over B >= 64.
   size_t best = 0;
   double best_score = 1e30;
@@ -769,7 +795,7 @@ int Main(int argc, char** argv) {
 
   std::vector<PrefillResult> prefill;
   const std::vector<std::pair<int, int>> pre =
-      quick ? std::vector<std::pair<int, int>>{{4, 8192}}
+      quick || fast ? std::vector<std::pair<int, int>>{{4, 8192}}
             : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}, {16, 2048}};
   PrefillResult chk = bench.Prefill(1, 2048, true);
   std::printf("tensor-core prefill vs recurrent fp32 (1 x 2048 tokens): rel err %.3g\n",
@@ -797,6 +823,16 @@ int Main(int argc, char** argv) {
                 r.recurrent_us, r.buffered_us, r.buffered_us / r.recurrent_us, r.flush_us,
                 r.verify4_us, floor_us, r.buffered_us / floor_us, r.flush_us / copy_floor,
                 r.verify4_us / r.buffered_us);
+  }
+
+  std::printf("\nsame run, fp32 rows, C=16: v5 kernel (default) vs persistent v6\n");
+  std::printf("| B | buffered v5 | buffered v6 | fold step v5 | fold step v6 | flush v5 | "
+              "flush v6 | verify4 v5 | verify4 v6 |\n|---|---|---|---|---|---|---|---|---|\n");
+  for (size_t i = 0; i < old.rows.size() && i < configs[0].rows.size(); ++i) {
+    const DecodeResult &n = configs[0].rows[i], &o = old.rows[i];
+    std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", n.B,
+                n.buffered_us, o.buffered_us, n.fold_step_us, o.fold_step_us, n.flush_us,
+                o.flush_us, n.verify4_us, o.verify4_us);
   }
 
   FILE* f = std::fopen(out_path.c_str(), "w");
@@ -831,6 +867,11 @@ int Main(int argc, char** argv) {
   for (size_t i = 0; i < bc.rows.size(); ++i) {
     row_json(bc.rows[i], "    ");
     std::fprintf(f, "%s\n", i + 1 < bc.rows.size() ? "," : "");
+  }
+  std::fprintf(f, "  ],\n  \"v6_persistent_fp32_C16_rows\": [\n");
+  for (size_t i = 0; i < old.rows.size(); ++i) {
+    row_json(old.rows[i], "    ");
+    std::fprintf(f, "%s\n", i + 1 < old.rows.size() ? "," : "");
   }
   std::fprintf(f, "  ],\n  \"sweep\": [\n");
   for (size_t c = 0; c < configs.size(); ++c) {

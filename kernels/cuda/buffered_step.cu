@@ -418,7 +418,7 @@ cudaError_t LaunchBufferedStep(const StepArgs& args, cudaStream_t stream) {
       args.g.HV % args.g.H != 0) {
     return cudaErrorInvalidValue;
   }
-  if ((args.variant == 0 || args.variant == 3) && BufferedStepHeadFits(args)) {
+  if ((args.variant == 0 || args.variant >= 3) && BufferedStepHeadFits(args)) {
     return LaunchBufferedStepHead(args, stream);
   }
   if (args.variant != 1 && BufferedStepTileFits(args)) return LaunchBufferedStepTile(args, stream);

@@ -32,7 +32,9 @@ struct StepArgs {
   int32_t max_rows = 0;         // max buffer rows read for combination (non-folding items)
   bool any_fold = false;
   // 0: best that fits (head kernel with bulk copies, tile, register); 1: register kernel;
-  // 2: tile kernel; 3: head kernel with cp.async instead of bulk copies.
+  // 2: tile kernel; 3: head kernel with cp.async instead of bulk copies; 4: persistent head kernel
+  // (the next unit's state copy overlaps this unit's tail; slower, bench/NOTES.md v6); 5: the head
+  // kernel with bulk copies, one block per (item, value head) (same as 0 where it fits).
   int32_t variant = 0;
   // Head kernel: blocks of the first waves start (wave % 3) * stagger_ns late, so that the
   // co-resident blocks of an SM load and compute out of phase (0: off).

@@ -4,6 +4,9 @@
 // tile with float4 columns (lane -> 4 columns, warp -> every 4th row), so the instructions per
 // state byte stay far below what the memory system needs. The fold_first race is handled as in
 // buffered_step.cu (the last block of the key-head group writes the shared k^/G rows).
+#include <algorithm>
+#include <cstdint>
+
 #include "kernels/cuda/buffered_step_internal.h"
 #include "kernels/cuda/common.cuh"
 
@@ -53,16 +56,28 @@ __host__ __device__ inline HeadSmem MakeHeadSmem(int mmax, int nmax, bool any_fo
   return s;
 }
 
-template <int MAXM, bool kTma>
-__global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
+// Fences this thread's generic-proxy shared-memory accesses against later bulk copies.
+__device__ __forceinline__ void FenceProxyAsync() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Thread 0: announces and starts the four 16 KB bulk copies of one head state into St.
+__device__ __forceinline__ void IssueStateCopy(float* St, const float* S, uint64_t* bar) {
+  for (int q = 0; q < 4; ++q) {
+    MbarExpectTx(bar + q, kK * kV);
+    BulkCopy(St + q * (kK * kV / 4), S + q * (kK * kV / 4), kK * kV, bar + q);
+  }
+}
+
+// One (item, value head) unit. Persistent blocks (kPersist) pass the next unit (next_item >= 0)
+// so thread 0 can start its state copy as soon as this unit's state tile is no longer read;
+// ph_state / ph_fold are the barrier parities, `pre` (thread 0) says this unit's copy is issued.
+template <int MAXM, bool kTma, bool kPersist>
+__device__ __forceinline__ void HeadUnit(const StepArgs& A, uint8_t* smem, int item_idx, int hv,
+                                         int next_item, int next_hv, uint32_t& ph_state,
+                                         uint32_t& ph_fold, bool& pre) {
   constexpr int K = kK, V = kV;
   const Geometry& g = A.g;
-  const int item_idx = blockIdx.x, hv = blockIdx.y;
-  if (A.stagger_ns > 0) {
-    const int linear = blockIdx.x + gridDim.x * blockIdx.y;
-    const int wave = linear / A.num_sms;
-    if (wave < 3 && wave > 0) __nanosleep(static_cast<unsigned>(wave * A.stagger_ns));
-  }
   const StepDesc it = A.items[item_idx];
   const int group = g.HV / g.H, h = hv / group;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -80,7 +95,6 @@ __global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
   const int64_t tok0 = it.token_offset;
   const int mmax = A.max_tokens > 0 ? A.max_tokens : 1;
 
-  extern __shared__ __align__(128) uint8_t smem[];
   const HeadSmem L = MakeHeadSmem(mmax, A.max_rows, A.any_fold, es);
   float* St = reinterpret_cast<float*>(smem + L.st);
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);
@@ -105,18 +119,16 @@ __global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
   float* S = has_state ? StatePtr(A.pools, g, it.state_slot, A.layer, hv) : nullptr;
   const int nfold0 = fold ? min(kFoldRows, n) : 0;
   const int nr = max(nfold0, n_eff + m);
+  bool next_load = false;
+  const float* next_S = nullptr;
   if (kTma) {
     if (tid == 0) {
-      if (load_state) {
-        for (int q = 0; q < 4; ++q) MbarInit(bar + q);
-      }
-      if (fold) MbarInit(bar + 4);
-      MbarInitFence();
-      if (load_state) {
-        for (int q = 0; q < 4; ++q) {
-          MbarExpectTx(bar + q, K * V);
-          BulkCopy(St + q * (K * V / 4), S + q * (K * V / 4), K * V, bar + q);
-        }
+      if (load_state && !pre) IssueStateCopy(St, S, bar);
+      pre = false;
+      if (kPersist && next_item >= 0) {
+        const StepDesc nd = A.items[next_item];
+        next_load = nd.state_slot >= 0 && (nd.flags & kStateNew) == 0;
+        if (next_load) next_S = StatePtr(A.pools, g, nd.state_slot, A.layer, next_hv);
       }
     }
   } else if (load_state) {
@@ -231,8 +243,14 @@ __global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
     }
   }
   if (kTma) {
-    if (load_state) MbarWait(bar + warp, 0);  // this warp's 32 rows
-    if (fold) MbarWait(bar + 4, 0);
+    if (load_state) {
+      MbarWait(bar + warp, ph_state);  // this warp's 32 rows
+      ph_state ^= 1;
+    }
+    if (fold) {
+      MbarWait(bar + 4, ph_fold);
+      ph_fold ^= 1;
+    }
   } else {
     CpAsyncWaitAll();
   }
@@ -373,7 +391,13 @@ __global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
         }
       }
     }
+    const bool last_read = kPersist && t0 + L.tg >= m && !(fold_after && has_state);
+    if (last_read) FenceProxyAsync();
     __syncthreads();
+    if (kTma && last_read && tid == 0 && next_load) {
+      IssueStateCopy(St, next_S, bar);  // the next unit's state streams in during this tail
+      pre = true;
+    }
     if (warp == 0) {
       for (int t = 0; t < tn; ++t) {
         const int i = t0 + t;
@@ -448,21 +472,82 @@ __global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
   }
 }
 
+template <int MAXM, bool kTma, bool kPersist>
+__global__ void __launch_bounds__(kThreads) BufferedStepHeadKernel(StepArgs A) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const HeadSmem L = MakeHeadSmem(A.max_tokens > 0 ? A.max_tokens : 1, A.max_rows, A.any_fold,
+                                  DTypeBytes(A.pools.buffer_dtype));
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);
+  if (kTma && threadIdx.x == 0) {
+    for (int q = 0; q < 5; ++q) MbarInit(bar + q);
+    MbarInitFence();
+  }
+  uint32_t ph_state = 0, ph_fold = 0;
+  bool pre = false;
+  if (!kPersist) {
+    if (A.stagger_ns > 0) {
+      const int linear = blockIdx.x + gridDim.x * blockIdx.y;
+      const int wave = linear / A.num_sms;
+      if (wave < 3 && wave > 0) __nanosleep(static_cast<unsigned>(wave * A.stagger_ns));
+    }
+    HeadUnit<MAXM, kTma, false>(A, smem, blockIdx.x, blockIdx.y, -1, 0, ph_state, ph_fold, pre);
+    return;
+  }
+  __syncthreads();  // barriers initialised
+  const int units = A.num_items * A.g.HV;
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    if (u != static_cast<int>(blockIdx.x)) {
+      FenceProxyAsync();
+      __syncthreads();  // the previous unit is done with every shared buffer
+    }
+    const int nu = u + gridDim.x;
+    HeadUnit<MAXM, kTma, true>(A, smem, u % A.num_items, u / A.num_items,
+                               nu < units ? nu % A.num_items : -1,
+                               nu < units ? nu / A.num_items : 0, ph_state, ph_fold, pre);
+  }
+}
+
 size_t HeadSmemBytes(const StepArgs& a) {
   return static_cast<size_t>(MakeHeadSmem(a.max_tokens > 0 ? a.max_tokens : 1, a.max_rows,
                                           a.any_fold, DTypeBytes(a.pools.buffer_dtype))
                                  .total);
 }
 
+int NumSms() {
+  static int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 132;
+    }
+    return n;
+  }();
+  return sms;
+}
+
 template <int MAXM>
 cudaError_t LaunchHead(const StepArgs& args, size_t smem, cudaStream_t stream) {
-  auto* fn =
-      args.variant == 3 ? BufferedStepHeadKernel<MAXM, false> : BufferedStepHeadKernel<MAXM, true>;
+  // variant 4: persistent (v6, measured slower: bench/NOTES.md); 3: one block per unit with
+  // cp.async; 0 / 5: one block per unit with bulk copies (v5, the default).
+  const bool persist = args.variant == 4;
+  auto* fn = args.variant == 3 ? BufferedStepHeadKernel<MAXM, false, false>
+             : persist         ? BufferedStepHeadKernel<MAXM, true, true>
+                               : BufferedStepHeadKernel<MAXM, true, false>;
   cudaError_t e =
       cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  dim3 grid(args.num_items, args.g.HV);
-  fn<<<grid, kThreads, smem, stream>>>(args);
+  if (persist) {
+    int per_sm = 0;
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, smem);
+    if (e != cudaSuccess) return e;
+    const int64_t units = static_cast<int64_t>(args.num_items) * args.g.HV;
+    const int64_t blocks = std::min<int64_t>(units, std::max(per_sm, 1) * int64_t{NumSms()});
+    fn<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(args);
+  } else {
+    dim3 grid(args.num_items, args.g.HV);
+    fn<<<grid, kThreads, smem, stream>>>(args);
+  }
   return cudaGetLastError();
 }
 

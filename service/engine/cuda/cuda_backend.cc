@@ -1,5 +1,6 @@
 // CudaBackend: device pools, per-call uploads through pinned staging, and the kernel sequence of
-// each Backend operation. One stream; one host synchronisation at the end of each call.
+// each Backend operation. One stream; one host synchronisation at the end of each call, except
+// RunLayerStepOnDevice, which orders its work on the caller's stream through events.
 #include "service/engine/cuda/cuda_backend.h"
 
 #include <cuda_runtime.h>
@@ -132,6 +133,8 @@ class CudaBackend : public Backend {
   absl::Status Allocate(const ModelConfig& config, const std::vector<LayerParams>& params,
                         const PoolSizes& sizes) override;
   absl::Status RunLayerStep(const LayerStep& step) override;
+  // RunLayerStep with device activations and outputs, ordered on `user` (see the header).
+  absl::Status RunLayerStepOnDevice(const LayerStep& step, cudaStream_t user);
   absl::Status FoldBuffers(int32_t layer, std::span<const FoldItem> items,
                            std::span<const int32_t> page_table) override;
   absl::Status CommitConv(int32_t layer, std::span<const ConvCommitItem> items) override;
@@ -149,6 +152,9 @@ class CudaBackend : public Backend {
   // Uploads `up` to d_in_ (through pinned staging) on the stream.
   absl::Status Send(const Upload& up);
   absl::Status Finish(const char* what);
+  // Validates `step`, plans and launches it on stream_; with on_device, qkv/a/b/out are device
+  // pointers used in place and nothing is copied back or synchronised.
+  absl::Status StepLocked(const LayerStep& step, bool on_device);
 
   CudaBackendOptions options_;
   mutable absl::Mutex mu_;
@@ -163,6 +169,9 @@ class CudaBackend : public Backend {
   DeviceBuffer d_in_, d_out_, d_prep_, d_prep16_, d_chunk_, d_counters_;
   PinnedBuffer h_in_, h_out_;
   size_t counters_cap_ = 0;
+  cudaEvent_t upload_done_ = nullptr;  // recorded after each upload out of h_in_
+  bool upload_pending_ = false;        // upload_done_ was recorded and not yet waited on
+  cudaEvent_t ev_start_ = nullptr, ev_end_ = nullptr;  // RunLayerStepOnDevice ordering
 };
 
 void CudaBackend::Free() {
@@ -182,6 +191,11 @@ void CudaBackend::Free() {
   h_in_.Release();
   h_out_.Release();
   counters_cap_ = 0;
+  for (cudaEvent_t* ev : {&upload_done_, &ev_start_, &ev_end_}) {
+    if (*ev != nullptr) cudaEventDestroy(*ev);
+    *ev = nullptr;
+  }
+  upload_pending_ = false;
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   stream_ = nullptr;
   allocated_ = false;
@@ -255,6 +269,9 @@ absl::Status CudaBackend::Allocate(const ModelConfig& config,
         absl::StrCat("cannot allocate device pools: ", cudaGetErrorString(e)));
   }
   KVB_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  for (cudaEvent_t* ev : {&upload_done_, &ev_start_, &ev_end_}) {
+    KVB_CUDA_RETURN(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
+  }
   // Layer weights.
   const int32_t L = config.num_layers, ch = config.channels(), W = config.conv_width;
   const int32_t HV = config.num_v_heads;
@@ -338,11 +355,19 @@ absl::Status CudaBackend::CheckPages(std::span<const int32_t> page_table, int32_
 
 absl::Status CudaBackend::Send(const Upload& up) {
   if (up.size() == 0) return absl::OkStatus();
+  if (upload_pending_) {
+    // The previous upload may still be reading the pinned buffer (RunLayerStepOnDevice does not
+    // synchronise): wait for it before the buffer is rewritten or reallocated.
+    KVB_CUDA_RETURN(cudaEventSynchronize(upload_done_));
+    upload_pending_ = false;
+  }
   KVB_CUDA_RETURN(h_in_.Reserve(up.size()));
   KVB_CUDA_RETURN(d_in_.Reserve(up.size()));
   up.CopyTo(static_cast<uint8_t*>(h_in_.ptr));
   KVB_CUDA_RETURN(
       cudaMemcpyAsync(d_in_.ptr, h_in_.ptr, up.size(), cudaMemcpyHostToDevice, stream_));
+  KVB_CUDA_RETURN(cudaEventRecord(upload_done_, stream_));
+  upload_pending_ = true;
   return absl::OkStatus();
 }
 
@@ -354,6 +379,28 @@ absl::Status CudaBackend::Finish(const char* what) {
 
 absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   absl::MutexLock lock(&mu_);
+  return StepLocked(step, false);
+}
+
+absl::Status CudaBackend::RunLayerStepOnDevice(const LayerStep& step, cudaStream_t user) {
+  absl::MutexLock lock(&mu_);
+  for (const void* p : {step.qkv, step.a, step.b, static_cast<const void*>(step.out)}) {
+    if (reinterpret_cast<uintptr_t>(p) % 256 != 0) {
+      return absl::InvalidArgumentError("RunLayerStepOnDevice: qkv, a, b, out must be 256-aligned");
+    }
+  }
+  if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
+  KVB_CUDA_RETURN(cudaSetDevice(options_.device));
+  KVB_CUDA_RETURN(cudaEventRecord(ev_start_, user));
+  KVB_CUDA_RETURN(cudaStreamWaitEvent(stream_, ev_start_, 0));
+  absl::Status s = StepLocked(step, true);
+  // Even after a failure, `user` must not run ahead of work already queued on stream_.
+  KVB_CUDA_RETURN(cudaEventRecord(ev_end_, stream_));
+  KVB_CUDA_RETURN(cudaStreamWaitEvent(user, ev_end_, 0));
+  return s;
+}
+
+absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   if (absl::Status s = CheckReady(step.layer); !s.ok()) return s;
   if (step.kind != StepKind::kDecode && step.kind != StepKind::kVerify &&
       step.kind != StepKind::kPrefill) {
@@ -549,17 +596,21 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   const size_t T = static_cast<size_t>(step.total_tokens);
   const size_t in_es = DTypeSize(step.in_dtype);
   const size_t HV = geo_.HV, ch = geo_.channels;
-  const size_t qkv_at = up.AddBytes(step.qkv, T * ch * in_es);
-  const size_t a_at = up.AddBytes(step.a, T * HV * in_es);
-  const size_t b_at = up.AddBytes(step.b, T * HV * in_es);
+  const size_t qkv_at = on_device ? 0 : up.AddBytes(step.qkv, T * ch * in_es);
+  const size_t a_at = on_device ? 0 : up.AddBytes(step.a, T * HV * in_es);
+  const size_t b_at = on_device ? 0 : up.AddBytes(step.b, T * HV * in_es);
   if (absl::Status s = Send(up); !s.ok()) return s;
   uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
   auto dptr = [din](size_t at) { return din + at; };
+  const void* d_qkv = on_device ? step.qkv : dptr(qkv_at);
+  const void* d_a = on_device ? step.a : dptr(a_at);
+  const void* d_b = on_device ? step.b : dptr(b_at);
 
   // Scratch.
   const size_t HK = static_cast<size_t>(geo_.H) * geo_.K, HVV = HV * geo_.V;
   const size_t out_bytes = T * HVV * DTypeSize(step.out_dtype);
-  KVB_CUDA_RETURN(d_out_.Reserve(out_bytes));
+  if (!on_device) KVB_CUDA_RETURN(d_out_.Reserve(out_bytes));
+  void* d_out = on_device ? step.out : d_out_.ptr;
   KVB_CUDA_RETURN(d_prep_.Reserve(T * (2 * HK + HVV + 2 * HV) * sizeof(float)));
   kc::Prepared prep;
   float* pf = static_cast<float*>(d_prep_.ptr);
@@ -591,7 +642,7 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   sa.page_table = page_table;
   sa.pools = pools_;
   sa.prep = prep;
-  sa.out = d_out_.ptr;
+  sa.out = d_out;
   sa.out_dtype = static_cast<int32_t>(step.out_dtype);
   sa.counters = static_cast<int32_t*>(d_counters_.ptr);
   kc::PrepArgs pa;
@@ -600,9 +651,9 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   pa.page_table = page_table;
   pa.pools = pools_;
   pa.w = weights;
-  pa.qkv = dptr(qkv_at);
-  pa.a = dptr(a_at);
-  pa.b = dptr(b_at);
+  pa.qkv = d_qkv;
+  pa.a = d_a;
+  pa.b = d_b;
   pa.in_dtype = static_cast<int32_t>(step.in_dtype);
   pa.out = prep;
 
@@ -652,7 +703,7 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
     ca.scratch.W = static_cast<uint16_t*>(d_chunk_.ptr);
     ca.scratch.U = ca.scratch.W + w_elems;
     ca.scratch.P = ca.scratch.U + u_elems;
-    ca.out = d_out_.ptr;
+    ca.out = d_out;
     ca.out_dtype = sa.out_dtype;
     KVB_CUDA_RETURN(kc::LaunchChunkedPrefill(ca, stream_));
   }
@@ -674,6 +725,7 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
     KVB_CUDA_RETURN(kc::LaunchBufferedStep(s, stream_));
   }
 
+  if (on_device) return absl::OkStatus();
   KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
   KVB_CUDA_RETURN(
       cudaMemcpyAsync(h_out_.ptr, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
@@ -845,6 +897,15 @@ std::unique_ptr<Backend> MakeCudaBackend(int device) {
 
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
   return std::make_unique<CudaBackend>(options);
+}
+
+absl::Status RunLayerStepOnDevice(Backend& backend, const LayerStep& step, void* stream) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) {
+    return absl::UnimplementedError(
+        absl::StrCat("RunLayerStepOnDevice needs a CUDA backend, got ", backend.Name()));
+  }
+  return cuda->RunLayerStepOnDevice(step, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace kvbuffer

@@ -34,4 +34,11 @@ std::unique_ptr<Backend> MakeCudaBackend(int device);
 // Creates a CUDA backend with explicit options.
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options);
 
+#define KVB_CUDA_BACKEND_DEVICE_STEP 1
+// Like RunLayerStep, but step.qkv/a/b/out are device pointers on the backend's GPU (256-byte aligned,
+// same layouts/dtypes) and the work is ordered on `stream` (cudaStream_t): starts after work already
+// on it; out is complete when `stream` reaches the return point. No host sync (launch errors only).
+// items/page_table stay host spans. UNIMPLEMENTED if `backend` is not a CudaBackend.
+absl::Status RunLayerStepOnDevice(Backend& backend, const LayerStep& step, void* stream);
+
 }  // namespace kvbuffer
