@@ -1,5 +1,7 @@
 #include "service/engine/cpu_backend.h"
 
+#include "service/engine/backend_validation.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -135,38 +137,6 @@ absl::Status CpuBackend::CheckAllocated() const {
   return absl::OkStatus();
 }
 
-absl::Status CpuBackend::CheckLayer(int32_t layer) const {
-  if (layer < 0 || layer >= config_.num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, " out of range [0, ", config_.num_layers, ")"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CpuBackend::CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
-                                    int32_t num_pages, int64_t rows_needed, const char* what,
-                                    size_t index) const {
-  if (page_offset < 0 || num_pages < 0 ||
-      static_cast<int64_t>(page_offset) + num_pages > static_cast<int64_t>(page_table.size())) {
-    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: pages [", page_offset,
-                                                   ", +", num_pages, ") outside the page table of ",
-                                                   page_table.size()));
-  }
-  if (rows_needed > static_cast<int64_t>(num_pages) * sizes_.page_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: needs ", rows_needed,
-                                                   " buffer rows but holds ", num_pages,
-                                                   " pages of ", sizes_.page_tokens));
-  }
-  for (int32_t p = 0; p < num_pages; ++p) {
-    const int32_t page = page_table[page_offset + p];
-    if (page < 0 || page >= sizes_.buffer_pages) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, "[", index, "]: page ", page, " out of range [0, ", sizes_.buffer_pages, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 float* CpuBackend::StateLayer(int32_t slot, int32_t layer) {
   return states_.data() + (static_cast<size_t>(slot) * config_.num_layers + layer) *
                               static_cast<size_t>(config_.state_elems());
@@ -226,68 +196,8 @@ void CpuBackend::StoreConvRows(int32_t conv_slot, int32_t layer, int32_t first_r
 
 absl::Status CpuBackend::RunLayerStep(const LayerStep& step) {
   if (absl::Status s = CheckAllocated(); !s.ok()) return s;
-  if (absl::Status s = CheckLayer(step.layer); !s.ok()) return s;
-  if (step.kind != StepKind::kDecode && step.kind != StepKind::kVerify &&
-      step.kind != StepKind::kPrefill) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown step kind ", static_cast<int>(step.kind)));
-  }
-  if (!ValidDType(step.in_dtype) || !ValidDType(step.out_dtype)) {
-    return absl::InvalidArgumentError("in_dtype and out_dtype must be FP32, FP16 or BF16");
-  }
-  if (step.total_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("total_tokens ", step.total_tokens, " < 0"));
-  }
-  if (!step.items.empty() &&
-      (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr)) {
-    return absl::InvalidArgumentError("qkv, a, b and out must not be null");
-  }
   // Validate everything before touching any storage.
-  for (size_t i = 0; i < step.items.size(); ++i) {
-    const StepItem& it = step.items[i];
-    auto bad = [i](auto&&... parts) {
-      return absl::InvalidArgumentError(absl::StrCat("items[", i, "]: ", parts...));
-    };
-    if (it.num_tokens < 1) return bad("num_tokens ", it.num_tokens, " must be >= 1");
-    if (it.token_offset < 0 ||
-        static_cast<int64_t>(it.token_offset) + it.num_tokens > step.total_tokens) {
-      return bad("tokens [", it.token_offset, ", +", it.num_tokens, ") outside total_tokens ",
-                 step.total_tokens);
-    }
-    if (it.state_slot < -1 || it.state_slot >= sizes_.state_slots) {
-      return bad("state_slot ", it.state_slot, " out of range [-1, ", sizes_.state_slots, ")");
-    }
-    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
-      return bad("conv_slot ", it.conv_slot, " out of range [0, ", sizes_.conv_slots, ")");
-    }
-    if (it.buffer_rows < 0) return bad("buffer_rows ", it.buffer_rows, " < 0");
-    if ((it.fold_first || it.state_is_new) && it.state_slot < 0) {
-      return bad("fold_first/state_is_new need a state slot");
-    }
-    if (step.kind == StepKind::kVerify && it.num_tokens > sizes_.max_drafts) {
-      return bad(it.num_tokens, " drafts exceed max_drafts ", sizes_.max_drafts);
-    }
-    int64_t rows_after = 0;
-    if (it.chunked) {
-      if (step.kind != StepKind::kPrefill) return bad("chunked is only valid for prefill");
-      if (it.state_slot < 0) return bad("chunked needs a state slot");
-      if (!it.fold_first && it.buffer_rows != 0) {
-        return bad("chunked needs fold_first or an empty buffer, has ", it.buffer_rows, " rows");
-      }
-      if (it.fold_tokens < 0 || it.fold_tokens > it.num_tokens) {
-        return bad("fold_tokens ", it.fold_tokens, " outside [0, ", it.num_tokens, "]");
-      }
-      rows_after = it.num_tokens - it.fold_tokens;
-    } else {
-      rows_after = (it.fold_first ? 0 : static_cast<int64_t>(it.buffer_rows)) + it.num_tokens;
-    }
-    const int64_t needed = std::max<int64_t>(it.buffer_rows, rows_after);
-    if (absl::Status s =
-            CheckPages(step.page_table, it.page_offset, it.num_pages, needed, "items", i);
-        !s.ok()) {
-      return s;
-    }
-  }
+  if (absl::Status s = ValidateLayerStep(config_, sizes_, step); !s.ok()) return s;
 
   const int32_t ch = config_.channels();
   const int32_t HV = config_.num_v_heads;
@@ -362,23 +272,8 @@ absl::Status CpuBackend::RunLayerStep(const LayerStep& step) {
 absl::Status CpuBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> items,
                                      std::span<const int32_t> page_table) {
   if (absl::Status s = CheckAllocated(); !s.ok()) return s;
-  if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const FoldItem& it = items[i];
-    if (it.state_slot < 0 || it.state_slot >= sizes_.state_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("fold items[", i, "]: state_slot ",
-                                                     it.state_slot, " out of range [0, ",
-                                                     sizes_.state_slots, ")"));
-    }
-    if (it.buffer_rows < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("fold items[", i, "]: buffer_rows ", it.buffer_rows, " < 0"));
-    }
-    if (absl::Status s =
-            CheckPages(page_table, it.page_offset, it.num_pages, it.buffer_rows, "fold items", i);
-        !s.ok()) {
-      return s;
-    }
+  if (absl::Status s = ValidateFoldItems(config_, sizes_, layer, items, page_table); !s.ok()) {
+    return s;
   }
   for (const FoldItem& it : items) {
     const PageSpan span{page_table.subspan(it.page_offset, it.num_pages)};
@@ -390,20 +285,7 @@ absl::Status CpuBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> it
 
 absl::Status CpuBackend::CommitConv(int32_t layer, std::span<const ConvCommitItem> items) {
   if (absl::Status s = CheckAllocated(); !s.ok()) return s;
-  if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const ConvCommitItem& it = items[i];
-    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: conv_slot ",
-                                                     it.conv_slot, " out of range [0, ",
-                                                     sizes_.conv_slots, ")"));
-    }
-    if (it.accepted < 0 || it.accepted > it.drafts || it.drafts > sizes_.max_drafts) {
-      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: need 0 <= accepted (",
-                                                     it.accepted, ") <= drafts (", it.drafts,
-                                                     ") <= max_drafts (", sizes_.max_drafts, ")"));
-    }
-  }
+  if (absl::Status s = ValidateConvCommits(config_, sizes_, layer, items); !s.ok()) return s;
   // Rows 0..W-2+a of the slot are window ++ the first a drafts: the new window is the last W-1.
   const size_t row_bytes = static_cast<size_t>(config_.channels()) * DTypeSize(sizes_.conv_dtype);
   const size_t W1 = static_cast<size_t>(config_.conv_width - 1);
@@ -417,12 +299,7 @@ absl::Status CpuBackend::CommitConv(int32_t layer, std::span<const ConvCommitIte
 
 absl::Status CpuBackend::ResetConv(std::span<const int32_t> conv_slots) {
   if (absl::Status s = CheckAllocated(); !s.ok()) return s;
-  for (size_t i = 0; i < conv_slots.size(); ++i) {
-    if (conv_slots[i] < 0 || conv_slots[i] >= sizes_.conv_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("conv_slots[", i, "] = ", conv_slots[i],
-                                                     " out of range [0, ", sizes_.conv_slots, ")"));
-    }
-  }
+  if (absl::Status s = ValidateConvSlots(sizes_, conv_slots); !s.ok()) return s;
   for (int32_t slot : conv_slots) {
     std::memset(conv_.data() + static_cast<size_t>(slot) * bytes_.conv_slot, 0, bytes_.conv_slot);
   }
@@ -431,12 +308,9 @@ absl::Status CpuBackend::ResetConv(std::span<const int32_t> conv_slots) {
 
 absl::Status CpuBackend::ReadState(int32_t state_slot, int32_t layer, float* out) {
   if (absl::Status s = CheckAllocated(); !s.ok()) return s;
-  if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
-  if (state_slot < 0 || state_slot >= sizes_.state_slots) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("state_slot ", state_slot, " out of range [0, ", sizes_.state_slots, ")"));
+  if (absl::Status s = ValidateStateRead(config_, sizes_, state_slot, layer, out); !s.ok()) {
+    return s;
   }
-  if (out == nullptr) return absl::InvalidArgumentError("ReadState: out is null");
   const float* S = StateLayer(state_slot, layer);
   std::copy(S, S + config_.state_elems(), out);
   return absl::OkStatus();

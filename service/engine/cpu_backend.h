@@ -57,10 +57,6 @@ class CpuBackend : public Backend {
   };
 
   absl::Status CheckAllocated() const;
-  absl::Status CheckLayer(int32_t layer) const;
-  absl::Status CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
-                          int32_t num_pages, int64_t rows_needed, const char* what,
-                          size_t index) const;
   float* StateLayer(int32_t slot, int32_t layer);
   uint8_t* ConvLayer(int32_t slot, int32_t layer);
   uint8_t* RowAddress(const PageSpan& span, int32_t layer, int32_t row);

@@ -3,6 +3,8 @@
 // RunLayerStepOnDevice, which orders its work on the caller's stream through events.
 #include "service/engine/cuda/cuda_backend.h"
 
+#include "service/engine/backend_validation.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -145,9 +147,6 @@ class CudaBackend : public Backend {
  private:
   void Free();
   absl::Status CheckReady(int32_t layer) const;
-  absl::Status CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
-                          int32_t num_pages, int64_t rows_needed, const char* what,
-                          size_t index) const;
   kc::LayerWeights Weights(int32_t layer) const;
   // Uploads `up` to d_in_ (through pinned staging) on the stream.
   absl::Status Send(const Upload& up);
@@ -329,30 +328,6 @@ absl::Status CudaBackend::CheckReady(int32_t layer) const {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::CheckPages(std::span<const int32_t> page_table, int32_t page_offset,
-                                     int32_t num_pages, int64_t rows_needed, const char* what,
-                                     size_t index) const {
-  if (page_offset < 0 || num_pages < 0 ||
-      static_cast<int64_t>(page_offset) + num_pages > static_cast<int64_t>(page_table.size())) {
-    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: pages [", page_offset,
-                                                   ", +", num_pages, ") outside the page table of ",
-                                                   page_table.size()));
-  }
-  if (rows_needed > static_cast<int64_t>(num_pages) * sizes_.page_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(what, "[", index, "]: needs ", rows_needed,
-                                                   " buffer rows but holds ", num_pages,
-                                                   " pages of ", sizes_.page_tokens));
-  }
-  for (int32_t p = 0; p < num_pages; ++p) {
-    const int32_t page = page_table[page_offset + p];
-    if (page < 0 || page >= sizes_.buffer_pages) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, "[", index, "]: page ", page, " out of range [0, ", sizes_.buffer_pages, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CudaBackend::Send(const Upload& up) {
   if (up.size() == 0) return absl::OkStatus();
   if (upload_pending_) {
@@ -402,68 +377,14 @@ absl::Status CudaBackend::RunLayerStepOnDevice(const LayerStep& step, cudaStream
 
 absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   if (absl::Status s = CheckReady(step.layer); !s.ok()) return s;
-  if (step.kind != StepKind::kDecode && step.kind != StepKind::kVerify &&
-      step.kind != StepKind::kPrefill) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown step kind ", static_cast<int>(step.kind)));
-  }
-  if (!ValidDType(step.in_dtype) || !ValidDType(step.out_dtype)) {
-    return absl::InvalidArgumentError("in_dtype and out_dtype must be FP32, FP16 or BF16");
-  }
-  if (step.total_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("total_tokens ", step.total_tokens, " < 0"));
-  }
+  if (absl::Status s = ValidateLayerStep(config_, sizes_, step); !s.ok()) return s;
   if (step.items.empty()) return absl::OkStatus();
-  if (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr) {
-    return absl::InvalidArgumentError("qkv, a, b and out must not be null");
-  }
   const bool tensor_core = options_.prefill == CudaPrefillMode::kTensorCore &&
                            kc::ChunkedPrefillSupported(geo_.K, geo_.V);
   for (size_t i = 0; i < step.items.size(); ++i) {
-    const StepItem& it = step.items[i];
-    auto bad = [i](auto&&... parts) {
-      return absl::InvalidArgumentError(absl::StrCat("items[", i, "]: ", parts...));
-    };
-    if (it.num_tokens < 1) return bad("num_tokens ", it.num_tokens, " must be >= 1");
-    if (it.token_offset < 0 ||
-        static_cast<int64_t>(it.token_offset) + it.num_tokens > step.total_tokens) {
-      return bad("tokens [", it.token_offset, ", +", it.num_tokens, ") outside total_tokens ",
-                 step.total_tokens);
-    }
-    if (it.state_slot < -1 || it.state_slot >= sizes_.state_slots) {
-      return bad("state_slot ", it.state_slot, " out of range [-1, ", sizes_.state_slots, ")");
-    }
-    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
-      return bad("conv_slot ", it.conv_slot, " out of range [0, ", sizes_.conv_slots, ")");
-    }
-    if (it.buffer_rows < 0) return bad("buffer_rows ", it.buffer_rows, " < 0");
-    if ((it.fold_first || it.state_is_new) && it.state_slot < 0) {
-      return bad("fold_first/state_is_new need a state slot");
-    }
-    if (step.kind == StepKind::kVerify &&
-        (it.num_tokens > sizes_.max_drafts || it.num_tokens > kc::kMaxStepTokens)) {
-      return bad(it.num_tokens, " drafts exceed max_drafts ", sizes_.max_drafts, " (or ",
-                 kc::kMaxStepTokens, ")");
-    }
-    int64_t rows_after = 0;
-    if (it.chunked) {
-      if (step.kind != StepKind::kPrefill) return bad("chunked is only valid for prefill");
-      if (it.state_slot < 0) return bad("chunked needs a state slot");
-      if (!it.fold_first && it.buffer_rows != 0) {
-        return bad("chunked needs fold_first or an empty buffer, has ", it.buffer_rows, " rows");
-      }
-      if (it.fold_tokens < 0 || it.fold_tokens > it.num_tokens) {
-        return bad("fold_tokens ", it.fold_tokens, " outside [0, ", it.num_tokens, "]");
-      }
-      rows_after = it.num_tokens - it.fold_tokens;
-    } else {
-      rows_after = (it.fold_first ? 0 : static_cast<int64_t>(it.buffer_rows)) + it.num_tokens;
-    }
-    const int64_t needed = std::max<int64_t>(it.buffer_rows, rows_after);
-    if (absl::Status s =
-            CheckPages(step.page_table, it.page_offset, it.num_pages, needed, "items", i);
-        !s.ok()) {
-      return s;
+    if (step.kind == StepKind::kVerify && step.items[i].num_tokens > kc::kMaxStepTokens) {
+      return absl::InvalidArgumentError(absl::StrCat("items[", i, "]: ", step.items[i].num_tokens,
+                                                     " drafts exceed ", kc::kMaxStepTokens));
     }
   }
   KVB_CUDA_RETURN(cudaSetDevice(options_.device));
@@ -738,22 +659,8 @@ absl::Status CudaBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> i
                                       std::span<const int32_t> page_table) {
   absl::MutexLock lock(&mu_);
   if (absl::Status s = CheckReady(layer); !s.ok()) return s;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const FoldItem& it = items[i];
-    if (it.state_slot < 0 || it.state_slot >= sizes_.state_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("fold items[", i, "]: state_slot ",
-                                                     it.state_slot, " out of range [0, ",
-                                                     sizes_.state_slots, ")"));
-    }
-    if (it.buffer_rows < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("fold items[", i, "]: buffer_rows ", it.buffer_rows, " < 0"));
-    }
-    if (absl::Status s =
-            CheckPages(page_table, it.page_offset, it.num_pages, it.buffer_rows, "fold items", i);
-        !s.ok()) {
-      return s;
-    }
+  if (absl::Status s = ValidateFoldItems(config_, sizes_, layer, items, page_table); !s.ok()) {
+    return s;
   }
   if (items.empty()) return absl::OkStatus();
   KVB_CUDA_RETURN(cudaSetDevice(options_.device));
@@ -794,19 +701,7 @@ absl::Status CudaBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> i
 absl::Status CudaBackend::CommitConv(int32_t layer, std::span<const ConvCommitItem> items) {
   absl::MutexLock lock(&mu_);
   if (absl::Status s = CheckReady(layer); !s.ok()) return s;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const ConvCommitItem& it = items[i];
-    if (it.conv_slot < 0 || it.conv_slot >= sizes_.conv_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: conv_slot ",
-                                                     it.conv_slot, " out of range [0, ",
-                                                     sizes_.conv_slots, ")"));
-    }
-    if (it.accepted < 0 || it.accepted > it.drafts || it.drafts > sizes_.max_drafts) {
-      return absl::InvalidArgumentError(absl::StrCat("commit items[", i, "]: need 0 <= accepted (",
-                                                     it.accepted, ") <= drafts (", it.drafts,
-                                                     ") <= max_drafts (", sizes_.max_drafts, ")"));
-    }
-  }
+  if (absl::Status s = ValidateConvCommits(config_, sizes_, layer, items); !s.ok()) return s;
   if (items.empty()) return absl::OkStatus();
   KVB_CUDA_RETURN(cudaSetDevice(options_.device));
   std::vector<int32_t> slots, accepted;
@@ -828,12 +723,7 @@ absl::Status CudaBackend::CommitConv(int32_t layer, std::span<const ConvCommitIt
 absl::Status CudaBackend::ResetConv(std::span<const int32_t> conv_slots) {
   absl::MutexLock lock(&mu_);
   if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
-  for (size_t i = 0; i < conv_slots.size(); ++i) {
-    if (conv_slots[i] < 0 || conv_slots[i] >= sizes_.conv_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("conv_slots[", i, "] = ", conv_slots[i],
-                                                     " out of range [0, ", sizes_.conv_slots, ")"));
-    }
-  }
+  if (absl::Status s = ValidateConvSlots(sizes_, conv_slots); !s.ok()) return s;
   if (conv_slots.empty()) return absl::OkStatus();
   KVB_CUDA_RETURN(cudaSetDevice(options_.device));
   for (int32_t slot : conv_slots) {
@@ -847,11 +737,9 @@ absl::Status CudaBackend::ResetConv(std::span<const int32_t> conv_slots) {
 absl::Status CudaBackend::ReadState(int32_t state_slot, int32_t layer, float* out) {
   absl::MutexLock lock(&mu_);
   if (absl::Status s = CheckReady(layer); !s.ok()) return s;
-  if (state_slot < 0 || state_slot >= sizes_.state_slots) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("state_slot ", state_slot, " out of range [0, ", sizes_.state_slots, ")"));
+  if (absl::Status s = ValidateStateRead(config_, sizes_, state_slot, layer, out); !s.ok()) {
+    return s;
   }
-  if (out == nullptr) return absl::InvalidArgumentError("ReadState: out is null");
   KVB_CUDA_RETURN(cudaSetDevice(options_.device));
   const size_t n = static_cast<size_t>(config_.state_elems());
   const float* src =
