@@ -99,9 +99,16 @@ def main() -> int:
             if drain and stop:
                 need(float(drain.group(1)) + float(stop.group(1)) < grace,
                      "drain_grace + shutdown_timeout must fit terminationGracePeriodSeconds")
-            tp = re.search(r"--tensor_parallel_size=(\d+)", flags)
+            # kvbuffer-server's flags (server_flags.cc): an unknown one stops the server at start.
+            need("--tensor_parallel_size" not in flags,
+                 "--tensor_parallel_size is no server flag; use --tensor_parallel=N")
+            tp = re.search(r"^--tensor_parallel=(\d+)\s*$", flags, re.M)
             need((int(tp.group(1)) if tp else 1) == args.gpus,
-                 f"tensor_parallel_size {tp.group(1) if tp else 1} != GPUs {args.gpus}")
+                 f"tensor_parallel {tp.group(1) if tp else 1} != GPUs {args.gpus}")
+            if tp and int(tp.group(1)) > 1:
+                mode = re.search(r"^--tp_mode=(\S+)\s*$", flags, re.M)
+                need(mode is not None and mode.group(1) == "threads",
+                     "one pod drives its GPUs: --tp_mode=threads (processes needs a worker per GPU)")
         if args.gpus > 1:
             need(any(e.get("name") == "NCCL_NVLS_ENABLE" and e.get("value") == "0"
                      for e in server.get("env", [])), "NCCL_NVLS_ENABLE=0 missing")
