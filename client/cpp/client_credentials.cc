@@ -29,8 +29,9 @@ absl::StatusOr<TlsOptions> TlsOptionsFromFiles(const std::string& ca_file,
   tls.enabled = true;
   tls.server_name = server_name;
   if (cert_file.empty() != key_file.empty()) {
-    return absl::InvalidArgumentError("a client certificate needs its key, and a key its "
-                                      "certificate");
+    return absl::InvalidArgumentError(
+        "a client certificate needs its key, and a key its "
+        "certificate");
   }
   if (absl::Status s = ReadFile(ca_file, &tls.root_certs_pem); !s.ok()) return s;
   if (absl::Status s = ReadFile(cert_file, &tls.cert_chain_pem); !s.ok()) return s;

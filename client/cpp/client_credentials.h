@@ -13,11 +13,11 @@
 namespace kvbuffer::client {
 
 struct TlsOptions {
-  bool enabled = false;          // false: plaintext
-  std::string root_certs_pem;    // CA(s) the server certificate must chain to; empty: system roots
-  std::string cert_chain_pem;    // client certificate (mutual TLS); empty: none
-  std::string private_key_pem;   // its private key
-  std::string server_name;       // name checked against the server certificate; empty: the host
+  bool enabled = false;         // false: plaintext
+  std::string root_certs_pem;   // CA(s) the server certificate must chain to; empty: system roots
+  std::string cert_chain_pem;   // client certificate (mutual TLS); empty: none
+  std::string private_key_pem;  // its private key
+  std::string server_name;      // name checked against the server certificate; empty: the host
 };
 
 // TLS options from PEM files (any path may be empty: not used); NOT_FOUND naming an unreadable

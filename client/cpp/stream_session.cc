@@ -85,7 +85,12 @@ absl::Status StreamSession::Receive(v1::StreamResponse* response) {
 
 absl::Status StreamSession::Call(v1::StreamRequest* request, v1::StreamResponse* response) {
   absl::StatusOr<uint64_t> id = Send(request);
-  if (!id.ok()) return id.status();
+  if (!id.ok()) {
+    // A write fails once the server ended the stream (say, UNAUTHENTICATED): reading the end of
+    // the stream gives its final status, which says why.
+    if (absl::Status why = Receive(response); !why.ok()) return why;
+    return id.status();
+  }
   if (absl::Status s = Receive(response); !s.ok()) return s;
   return FromStreamResponse(*response);
 }

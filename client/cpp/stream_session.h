@@ -44,7 +44,8 @@ class StreamSession {
   // stream's (broken, or an answer out of order); the call's status is in the response.
   absl::Status Receive(v1::StreamResponse* response);
 
-  // Send then Receive; returns the stream's error or else the call's status.
+  // Send then Receive; returns the stream's error (its final status when it ended) or else the
+  // call's status.
   absl::Status Call(v1::StreamRequest* request, v1::StreamResponse* response);
 
   // Typed calls: the request is moved into the stream message (no copy of its tensors).

@@ -121,7 +121,14 @@ class StreamTransport final : public CallTransport {
       }
       sent.push_back(absl::Now());
       absl::StatusOr<uint64_t> id = session_->Send(c);
-      if (!id.ok()) return id.status();
+      if (!id.ok()) {
+        // The stream ended: its final status (read after the answers still due) says why.
+        v1::StreamResponse drained;
+        absl::Status why;
+        while ((why = session_->Receive(&drained)).ok()) {
+        }
+        return why.code() == absl::StatusCode::kFailedPrecondition ? id.status() : why;
+      }
     }
     while (received < calls.size()) {
       if (absl::Status s = receive_one(); !s.ok()) return s;

@@ -19,6 +19,9 @@ namespace kvbuffer::mock {
 
 struct MockSessionOptions {
   std::string server = "127.0.0.1:50051";
+  // Replicas ("host:port,host:port" or "dns:///name:port"): when set, every call is routed by
+  // sequence id over them (client/cpp/routed_client.h; unary mode only) and `server` is unused.
+  std::string servers;
   std::string mode = "unary";  // "unary" or "stream"
   int32_t concurrency = 2;     // worker threads, each with its own sequences
   int32_t sequences = 0;       // per worker over the session; 0: by model size
@@ -37,9 +40,9 @@ struct MockSessionOptions {
   int32_t stream_window = 8;  // calls in flight on a Stream
   absl::Duration call_timeout = absl::Seconds(120);
   absl::Duration wait_for_server = absl::Seconds(10);
-  uint64_t id_base = 0;  // first sequence id; 0: derived from the seed
-  int32_t rounds = 0;    // model steps per worker, admitting new sequences as others end, then
-                         // every open sequence is closed; 0: play `sequences` to their ends
+  uint64_t id_base = 0;      // first sequence id; 0: derived from the seed
+  int32_t rounds = 0;        // model steps per worker, admitting new sequences as others end, then
+                             // every open sequence is closed; 0: play `sequences` to their ends
   client::TlsOptions tls;    // plaintext unless tls.enabled
   std::string bearer_token;  // sent with every API call when not empty
 };

@@ -14,6 +14,9 @@
 #include "client/mock_worker/session_report.h"
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "Server address host:port");
+ABSL_FLAG(std::string, servers, "",
+          "Replicas to route over by sequence id (consistent hashing), instead of --server: "
+          "host:port,host:port or dns:///name:port (A/AAAA records); unary mode only");
 ABSL_FLAG(std::string, mode, "unary", "unary | stream");
 ABSL_FLAG(int32_t, concurrency, 2, "Worker threads, each with its own sequences");
 ABSL_FLAG(int32_t, sequences, 0, "Sequences per worker over the session (0: by model size)");
@@ -69,6 +72,7 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   kvbuffer::mock::MockSessionOptions o;
   o.server = absl::GetFlag(FLAGS_server);
+  o.servers = absl::GetFlag(FLAGS_servers);
   o.mode = absl::GetFlag(FLAGS_mode);
   o.concurrency = absl::GetFlag(FLAGS_concurrency);
   o.sequences = absl::GetFlag(FLAGS_sequences);
@@ -104,8 +108,8 @@ int main(int argc, char** argv) {
   const std::string ca = absl::GetFlag(FLAGS_tls_ca), cert = absl::GetFlag(FLAGS_tls_cert),
                     key = absl::GetFlag(FLAGS_tls_key);
   if (absl::GetFlag(FLAGS_tls) || !ca.empty() || !cert.empty() || !key.empty()) {
-    absl::StatusOr<kvbuffer::client::TlsOptions> tls = kvbuffer::client::TlsOptionsFromFiles(
-        ca, cert, key, absl::GetFlag(FLAGS_tls_server_name));
+    absl::StatusOr<kvbuffer::client::TlsOptions> tls =
+        kvbuffer::client::TlsOptionsFromFiles(ca, cert, key, absl::GetFlag(FLAGS_tls_server_name));
     if (!tls.ok()) {
       std::fprintf(stderr, "kvbuffer-mock-worker: TLS: %s\n", tls.status().ToString().c_str());
       return 2;

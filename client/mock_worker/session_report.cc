@@ -29,18 +29,19 @@ std::string FormatReport(const MockSessionReport& r) {
   absl::StrAppendFormat(&out,
                         "server      %s: kvbuffer %s, backend %s, model %s (L=%d H=%d HV=%d K=%d "
                         "V=%d W=%d), C=%d, stateless_limit=%d, max_drafts=%d\n",
-                        o.server, info.version(), info.backend(), m.name(), m.num_layers(),
-                        m.num_k_heads(), m.num_v_heads(), m.head_k_dim(), m.head_v_dim(),
-                        m.conv_width(), info.buffer().flush_interval(),
-                        info.buffer().stateless_limit(), info.buffer().max_drafts());
-  absl::StrAppendFormat(&out,
-                        "session     mode %s, %d worker(s) x %s (batch %d), layers %d of "
-                        "%d, seed %d, steps <= %d, prompts <= %d, %s\n",
-                        o.mode, o.concurrency,
-                        o.rounds > 0 ? absl::StrCat(o.rounds, " rounds")
-                                     : absl::StrCat(o.sequences, " sequences"),
-                        o.batch, r.layers_played, m.num_layers(), o.seed, o.steps, o.max_prompt,
-                        absl::FormatDuration(absl::Trunc(r.wall, absl::Milliseconds(1))));
+                        o.servers.empty() ? o.server : "routed over " + o.servers, info.version(),
+                        info.backend(), m.name(), m.num_layers(), m.num_k_heads(), m.num_v_heads(),
+                        m.head_k_dim(), m.head_v_dim(), m.conv_width(),
+                        info.buffer().flush_interval(), info.buffer().stateless_limit(),
+                        info.buffer().max_drafts());
+  absl::StrAppendFormat(
+      &out,
+      "session     mode %s, %d worker(s) x %s (batch %d), layers %d of "
+      "%d, seed %d, steps <= %d, prompts <= %d, %s\n",
+      o.mode, o.concurrency,
+      o.rounds > 0 ? absl::StrCat(o.rounds, " rounds") : absl::StrCat(o.sequences, " sequences"),
+      o.batch, r.layers_played, m.num_layers(), o.seed, o.steps, o.max_prompt,
+      absl::FormatDuration(absl::Trunc(r.wall, absl::Milliseconds(1))));
   absl::StrAppendFormat(&out, "sequences   %d (%d with prompts under the stateless limit)\n",
                         r.sequences, r.short_prompts);
   absl::StrAppendFormat(&out,
