@@ -8,12 +8,14 @@ namespace kvbuffer::server {
 
 AttentionServiceImpl::AttentionServiceImpl(RequestHandler* handler, Executor* executor,
                                            int stream_window, const TenantResolver* tenants,
-                                           metrics::ServiceMetrics* metrics)
+                                           metrics::ServiceMetrics* metrics,
+                                           const RequestLog* request_log)
     : handler_(handler),
       executor_(executor),
       stream_window_(stream_window),
       tenants_(tenants),
-      metrics_(metrics) {}
+      metrics_(metrics),
+      request_log_(request_log) {}
 
 template <typename Request, typename Response>
 grpc::ServerUnaryReactor* AttentionServiceImpl::RunUnary(
@@ -23,7 +25,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::RunUnary(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   RequestHandler* handler = handler_;
   metrics::ServiceMetrics* m = metrics_;
+  const RequestLog* log = request_log_;
   const absl::Time start = absl::Now();
+  // The request id and peer are taken here, before anything is sent on the call.
+  std::string request_id = log != nullptr ? log->BeginCall(context) : std::string();
+  std::string peer = log != nullptr ? context->peer() : std::string();
   // The tenant is resolved here, on the gRPC thread: an unauthenticated call never queues.
   absl::StatusOr<std::string> tenant = tenants_->Resolve(*context);
   if (!tenant.ok()) {
@@ -31,23 +37,48 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::RunUnary(
       m->ObserveRequest(rpc, static_cast<int>(tenant.status().code()),
                         absl::ToDoubleSeconds(absl::Now() - start));
     }
+    if (log != nullptr) {
+      CallRecord record;
+      record.request_id = request_id;
+      record.rpc = metrics::RpcName(rpc);
+      record.peer = peer;
+      record.code = static_cast<int>(tenant.status().code());
+      record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+      record.counts = CountsOf(*request);
+      record.request_bytes = static_cast<int64_t>(request->ByteSizeLong());
+      log->Log(record);
+    }
     reactor->Finish(ToGrpcStatus(tenant.status()));
     return reactor;
   }
   // context, request and response stay valid until Finish is called.
-  executor_->Schedule([=, tenant = *std::move(tenant)] {
-    const std::string_view name = metrics::RpcName(rpc);
-    absl::Status status =
-        CheckCallStillWanted(*context, absl::string_view(name.data(), name.size()));
-    if (status.ok()) status = (handler->*method)(tenant, *request, response);
-    if (m != nullptr) {
-      m->ObserveRequest(rpc, static_cast<int>(status.code()),
-                        absl::ToDoubleSeconds(absl::Now() - start));
-      m->AddBytes(static_cast<int64_t>(request->ByteSizeLong()),
-                  status.ok() ? static_cast<int64_t>(response->ByteSizeLong()) : 0);
-    }
-    reactor->Finish(ToGrpcStatus(status));
-  });
+  executor_->Schedule(
+      [=, tenant = *std::move(tenant), request_id = std::move(request_id), peer = std::move(peer)] {
+        const std::string_view name = metrics::RpcName(rpc);
+        absl::Status status =
+            CheckCallStillWanted(*context, absl::string_view(name.data(), name.size()));
+        if (status.ok()) status = (handler->*method)(tenant, *request, response);
+        if (m != nullptr) {
+          m->ObserveRequest(rpc, static_cast<int>(status.code()),
+                            absl::ToDoubleSeconds(absl::Now() - start));
+          m->AddBytes(static_cast<int64_t>(request->ByteSizeLong()),
+                      status.ok() ? static_cast<int64_t>(response->ByteSizeLong()) : 0);
+        }
+        if (log != nullptr) {
+          CallRecord record;
+          record.request_id = request_id;
+          record.rpc = name;
+          record.tenant = tenant;
+          record.peer = peer;
+          record.code = static_cast<int>(status.code());
+          record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+          record.counts = CountsOf(*request);
+          record.request_bytes = static_cast<int64_t>(request->ByteSizeLong());
+          record.response_bytes = status.ok() ? static_cast<int64_t>(response->ByteSizeLong()) : 0;
+          log->Log(record);
+        }
+        reactor->Finish(ToGrpcStatus(status));
+      });
   return reactor;
 }
 
@@ -107,8 +138,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Flush(grpc::CallbackServerContex
 
 grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse>* AttentionServiceImpl::Stream(
     grpc::CallbackServerContext* context) {
+  std::string request_id = request_log_ != nullptr ? request_log_->BeginCall(context) : "";
   return new StreamReactor(context, tenants_->Resolve(*context), handler_, executor_,
-                           stream_window_, metrics_);
+                           stream_window_, metrics_, request_log_, std::move(request_id));
 }
 
 }  // namespace kvbuffer::server

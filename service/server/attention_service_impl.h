@@ -6,17 +6,20 @@
 #include "service/server/executor.h"
 #include "service/server/metrics/service_metrics.h"
 #include "service/server/request_handler.h"
+#include "service/server/request_log.h"
 #include "service/server/tenant_identity.h"
 
 namespace kvbuffer::server {
 
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
  public:
-  // `handler`, `executor`, `tenants` and `metrics` (may be null) must outlive every call;
-  // `stream_window` bounds the requests a Stream reads ahead of its answers. Every call's tenant
-  // is resolved by `tenants` when it starts; an unauthenticated call does no work.
+  // `handler`, `executor`, `tenants`, `metrics` and `request_log` (both may be null) must outlive
+  // every call; `stream_window` bounds the requests a Stream reads ahead of its answers. Every
+  // call's tenant is resolved by `tenants` when it starts; an unauthenticated call does no work.
+  // With a `request_log` every call gets a request id and is logged (request_log.h).
   AttentionServiceImpl(RequestHandler* handler, Executor* executor, int stream_window,
-                       const TenantResolver* tenants, metrics::ServiceMetrics* metrics);
+                       const TenantResolver* tenants, metrics::ServiceMetrics* metrics,
+                       const RequestLog* request_log = nullptr);
 
   // The RPCs of kvbuffer.v1.AttentionService (semantics in docs/api.md). Each unary method
   // schedules its call on the executor and returns at once; Stream returns a StreamReactor.
@@ -62,6 +65,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   int stream_window_;
   const TenantResolver* tenants_;
   metrics::ServiceMetrics* metrics_;
+  const RequestLog* request_log_;  // may be null
 };
 
 }  // namespace kvbuffer::server

@@ -42,12 +42,12 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
     }
     line = absl::StripAsciiWhitespace(line);
     if (line.empty()) continue;
-    std::vector<absl::string_view> parts = absl::StrSplit(line, absl::ByAnyChar(" \t"),
-                                                          absl::SkipEmpty());
+    std::vector<absl::string_view> parts =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
     const std::string where = absl::StrCat(source, " line ", line_no);
     if (parts.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": expected \"<token> <tenant>\", got ",
-                                                     parts.size(), " field(s)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": expected \"<token> <tenant>\", got ", parts.size(), " field(s)"));
     }
     const absl::string_view token = parts[0], tenant = parts[1];
     if (token.size() < kMinTokenLength) {
@@ -62,8 +62,8 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
       }
     }
     if (tenant.size() > 128) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": tenant has ", tenant.size(),
-                                                     " characters, expected at most 128"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": tenant has ", tenant.size(), " characters, expected at most 128"));
     }
     for (char c : tenant) {
       if (!IsTenantChar(c)) {

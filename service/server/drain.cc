@@ -44,10 +44,10 @@ DrainReport FlushOpenSequences(Engine* engine) {
 }
 
 std::string FormatDrainReport(const DrainReport& r) {
-  std::string out = absl::StrCat("drain flush: ", r.open, " open sequence(s): ", r.flushed,
-                                 " flushed, ", r.clean, " had nothing buffered, ",
-                                 r.pending_drafts.size(), " left with pending drafts, ",
-                                 r.failed.size(), " failed");
+  std::string out =
+      absl::StrCat("drain flush: ", r.open, " open sequence(s): ", r.flushed, " flushed, ", r.clean,
+                   " had nothing buffered, ", r.pending_drafts.size(),
+                   " left with pending drafts, ", r.failed.size(), " failed");
   if (!r.pending_drafts.empty()) {
     absl::StrAppend(&out, "; pending drafts:");
     for (size_t i = 0; i < std::min(r.pending_drafts.size(), kListedAtMost); ++i) {

@@ -14,10 +14,10 @@
 namespace kvbuffer::server {
 
 struct DrainReport {
-  int32_t open = 0;       // sequences open when the drain flush started
-  int32_t flushed = 0;    // had buffered rows, now folded into their states
-  int32_t clean = 0;      // had nothing buffered
-  std::vector<SequenceKey> pending_drafts;                 // left as they were
+  int32_t open = 0;                         // sequences open when the drain flush started
+  int32_t flushed = 0;                      // had buffered rows, now folded into their states
+  int32_t clean = 0;                        // had nothing buffered
+  std::vector<SequenceKey> pending_drafts;  // left as they were
   std::vector<std::pair<SequenceKey, std::string>> failed;  // flush failed: the error
 };
 

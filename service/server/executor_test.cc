@@ -33,8 +33,10 @@ TEST(ExecutorTest, RunsEveryTaskOnItsOwnThreads) {
 }
 
 TEST(ExecutorTest, QueuedCountsTasksNotStarted) {
-  Executor executor(1);
+  // Declared before the executor, so that they outlive its threads (a worker may still be inside
+  // release.WaitForNotification() when the test body ends).
   absl::Notification started, release;
+  Executor executor(1);
   executor.Schedule([&] {
     started.Notify();
     release.WaitForNotification();

@@ -52,9 +52,9 @@ absl::StatusOr<std::unique_ptr<KvbufferServer>> KvbufferServer::Start(
       [engine_ptr] { return metrics::EngineGaugesFromInfo(engine_ptr->Info()); });
   s->handler_ = std::make_unique<RequestHandler>(s->engine_.get(), s->options_.identity);
   s->tenants_ = std::make_unique<TenantResolver>(s->options_.auth);
-  s->service_ = std::make_unique<AttentionServiceImpl>(s->handler_.get(), s->executor_.get(),
-                                                       s->options_.stream_window,
-                                                       s->tenants_.get(), s->metrics_.get());
+  s->service_ = std::make_unique<AttentionServiceImpl>(
+      s->handler_.get(), s->executor_.get(), s->options_.stream_window, s->tenants_.get(),
+      s->metrics_.get(), s->options_.request_log.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
@@ -110,6 +110,13 @@ void KvbufferServer::BeginDrain() {
   handler_->StartDraining();
   SetHealth(kReadinessService, false);
   SetHealth(kAttentionService, false);
+}
+
+void KvbufferServer::MarkUnhealthy(const absl::Status& why) {
+  std::fprintf(stderr, "kvbuffer-server: backend broken, health NOT_SERVING: %s\n",
+               why.ToString().c_str());
+  server_->GetHealthCheckService()->SetServingStatus(false);  // "" and every name
+  if (health_) health_->SetServing("", false);
 }
 
 DrainReport KvbufferServer::drain_report() {

@@ -25,6 +25,7 @@
 #include "service/server/metrics/http_server.h"
 #include "service/server/metrics/service_metrics.h"
 #include "service/server/request_handler.h"
+#include "service/server/request_log.h"
 #include "service/server/tenant_identity.h"
 #include "service/server/tls_credentials.h"
 
@@ -45,7 +46,8 @@ struct ServerOptions {
   AuthOptions auth;          // no tokens and no client-certificate tenants: everyone is tenant ""
   int health_port = -1;      // a plaintext port serving only grpc.health.v1; 0 picks one; -1 none
   std::string health_host;   // empty: the same as host
-  bool flush_on_shutdown = true;  // Shutdown ends with the drain flush (drain.h)
+  bool flush_on_shutdown = true;                  // Shutdown ends with the drain flush (drain.h)
+  std::shared_ptr<const RequestLog> request_log;  // null: calls are not logged (request_log.h)
 };
 
 class KvbufferServer {
@@ -79,6 +81,10 @@ class KvbufferServer {
 
   // Readiness goes NOT_SERVING and OpenSequences answers UNAVAILABLE; everything else is served.
   void BeginDrain();
+
+  // Every health name, liveness and "" included, goes NOT_SERVING for good (the backend is
+  // broken, e.g. a tensor-parallel rank died: restart the process); safe from any thread.
+  void MarkUnhealthy(const absl::Status& why);
 
   // BeginDrain, stop accepting calls, let in-flight calls finish for up to `timeout` and cancel
   // the rest, stop the reclaimer and the executor, then flush every open sequence's buffers

@@ -25,8 +25,8 @@ const char* KindName(StepKind kind) {
 
 // INVALID_ARGUMENT when ids[i] repeats an earlier entry: "<list>[i]<suffix> repeats ...".
 template <typename GetId>
-absl::Status CheckDistinct(absl::string_view list, absl::string_view suffix,
-                           absl::string_view what, int n, GetId get_id) {
+absl::Status CheckDistinct(absl::string_view list, absl::string_view suffix, absl::string_view what,
+                           int n, GetId get_id) {
   std::unordered_map<uint64_t, int> first;
   first.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
@@ -44,8 +44,8 @@ absl::Status CheckDistinct(absl::string_view list, absl::string_view suffix,
 // INVALID_ARGUMENT unless 1 <= n <= max entries.
 absl::Status CheckCount(absl::string_view rpc, absl::string_view list, int n, int32_t max) {
   if (n < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(rpc, ": ", list, " must not be empty, expected 1 to ",
-                                                   max, " entries"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(rpc, ": ", list, " must not be empty, expected 1 to ", max, " entries"));
   }
   if (n > max) {
     return absl::InvalidArgumentError(absl::StrCat(rpc, ": ", list, " has ", n,
@@ -59,9 +59,9 @@ absl::Status CheckCount(absl::string_view rpc, absl::string_view list, int n, in
 absl::Status CheckActivation(const char* field, bool present, const v1::Tensor& t, int64_t rows,
                              int32_t width, const char* width_name, TensorView* out) {
   if (!present) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " is missing, expected a tensor of shape [",
-                                                   rows, ", ", width, "] ([total_tokens, ",
-                                                   width_name, "])"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is missing, expected a tensor of shape [", rows, ", ", width,
+                     "] ([total_tokens, ", width_name, "])"));
   }
   if (absl::Status s = TensorViewFromProto(t, field, out); !s.ok()) return s;
   if (out->shape.size() != 2 || out->shape[0] != rows || out->shape[1] != width) {
@@ -77,8 +77,8 @@ absl::Status ValidateLayer(StepKind kind, const Request& request, const RequestL
                            LayerCall* call) {
   const char* rpc = KindName(kind);
   if (request.layer() < 0 || request.layer() >= limits.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(rpc, ": layer must be in [0, ", limits.num_layers,
-                                                   "), got ", request.layer()));
+    return absl::InvalidArgumentError(absl::StrCat(rpc, ": layer must be in [0, ",
+                                                   limits.num_layers, "), got ", request.layer()));
   }
   const int n = request.sequences_size();
   if (absl::Status s = CheckCount(rpc, "sequences", n, limits.max_ids); !s.ok()) return s;
@@ -105,18 +105,16 @@ absl::Status ValidateLayer(StepKind kind, const Request& request, const RequestL
         break;
       case StepKind::kVerify:
         if (t < 1 || t > limits.max_drafts) {
-          return absl::InvalidArgumentError(absl::StrCat("sequences[", i,
-                                                         "].num_tokens must be in [1, max_drafts=",
-                                                         limits.max_drafts, "] for VerifyDrafts, got ",
-                                                         t));
+          return absl::InvalidArgumentError(absl::StrCat(
+              "sequences[", i, "].num_tokens must be in [1, max_drafts=", limits.max_drafts,
+              "] for VerifyDrafts, got ", t));
         }
         break;
       case StepKind::kPrefill:
         if (t < 1 || t > limits.max_prefill_tokens) {
-          return absl::InvalidArgumentError(absl::StrCat("sequences[", i,
-                                                         "].num_tokens must be in [1, ",
-                                                         limits.max_prefill_tokens,
-                                                         "] for Prefill, got ", t));
+          return absl::InvalidArgumentError(
+              absl::StrCat("sequences[", i, "].num_tokens must be in [1, ",
+                           limits.max_prefill_tokens, "] for Prefill, got ", t));
         }
         break;
     }
@@ -152,10 +150,9 @@ absl::Status ValidateLayer(StepKind kind, const Request& request, const RequestL
   for (auto [name, view] :
        {std::pair<const char*, const TensorView*>{"a", &call->a}, {"b", &call->b}}) {
     if (view->dtype != call->qkv.dtype) {
-      return absl::InvalidArgumentError(absl::StrCat(name, ".dtype is ", DTypeName(view->dtype),
-                                                     " but qkv.dtype is ",
-                                                     DTypeName(call->qkv.dtype),
-                                                     "; qkv, a and b must share one dtype"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ".dtype is ", DTypeName(view->dtype), " but qkv.dtype is ",
+                       DTypeName(call->qkv.dtype), "; qkv, a and b must share one dtype"));
     }
   }
   if (request.output_dtype() == v1::DTYPE_UNSPECIFIED) {
@@ -191,27 +188,27 @@ absl::Status ValidateGetServerInfo(const v1::GetServerInfoRequest& request,
   for (int i = 0; i < n; ++i) {
     const v1::CapacityQuery& q = request.capacity_queries(i);
     if (q.length() < 0 || q.length() > limits.max_capacity_length) {
-      return absl::InvalidArgumentError(absl::StrCat("capacity_queries[", i,
-                                                     "].length must be in [0, ",
-                                                     limits.max_capacity_length, "], got ",
-                                                     q.length()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("capacity_queries[", i, "].length must be in [0, ",
+                       limits.max_capacity_length, "], got ", q.length()));
     }
     if (q.drafts() < 0 || q.drafts() > limits.max_drafts) {
-      return absl::InvalidArgumentError(absl::StrCat("capacity_queries[", i,
-                                                     "].drafts must be in [0, max_drafts=",
-                                                     limits.max_drafts, "], got ", q.drafts()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "capacity_queries[", i, "].drafts must be in [0, max_drafts=", limits.max_drafts,
+          "], got ", q.drafts()));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status ValidateIds(absl::string_view rpc, const google::protobuf::RepeatedField<uint64_t>& ids,
+absl::Status ValidateIds(absl::string_view rpc,
+                         const google::protobuf::RepeatedField<uint64_t>& ids,
                          const RequestLimits& limits) {
   if (rpc == "OpenSequences" && ids.size() > limits.max_ids) {
     // Well formed, but more than the table can ever hold: the pool's code, not a malformed call.
-    return absl::ResourceExhaustedError(absl::StrCat("sequence table is full: ", ids.size(),
-                                                     " sequences asked, more than max_sequences=",
-                                                     limits.max_ids, " can ever be open"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "sequence table is full: ", ids.size(),
+        " sequences asked, more than max_sequences=", limits.max_ids, " can ever be open"));
   }
   if (absl::Status s = CheckCount(rpc, "ids", ids.size(), limits.max_ids); !s.ok()) return s;
   return CheckDistinct("ids", "", "id", ids.size(), [&](int i) { return ids.Get(i); });
@@ -229,13 +226,11 @@ absl::Status ValidateCommitDrafts(const v1::CommitDraftsRequest& request,
           item.position()));
     }
     if (item.accepted() < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("items[", i,
-                                                     "].accepted must be >= 0 (drafts kept), got ",
-                                                     item.accepted()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "items[", i, "].accepted must be >= 0 (drafts kept), got ", item.accepted()));
     }
   }
-  return CheckDistinct("items", ".id", "sequence", n,
-                       [&](int i) { return request.items(i).id(); });
+  return CheckDistinct("items", ".id", "sequence", n, [&](int i) { return request.items(i).id(); });
 }
 
 absl::Status ValidateLayerRequest(StepKind kind, const v1::PrefillRequest& request,

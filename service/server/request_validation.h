@@ -21,7 +21,7 @@ struct RequestLimits {
   int32_t channels = 1;     // width of one qkv row
   int32_t num_v_heads = 1;  // width of one a or b row
   int32_t max_drafts = 1;
-  int32_t max_ids = 1;  // sequences one call may name (the sequence table's size)
+  int32_t max_ids = 1;                   // sequences one call may name (the sequence table's size)
   int32_t max_prefill_tokens = 1 << 24;  // per sequence in one Prefill
   int32_t max_capacity_queries = 64;
   int64_t max_capacity_length = int64_t{1} << 40;
@@ -37,7 +37,8 @@ absl::Status ValidateGetServerInfo(const v1::GetServerInfoRequest& request,
 // Checks the id list of OpenSequences, CloseSequences or Flush (`rpc` names the call): not empty,
 // at most limits.max_ids entries (for OpenSequences more is RESOURCE_EXHAUSTED, as a full table
 // is), no id twice.
-absl::Status ValidateIds(absl::string_view rpc, const google::protobuf::RepeatedField<uint64_t>& ids,
+absl::Status ValidateIds(absl::string_view rpc,
+                         const google::protobuf::RepeatedField<uint64_t>& ids,
                          const RequestLimits& limits);
 
 // Checks a CommitDrafts request: items not empty and bounded, positions and accepted counts not

@@ -6,8 +6,11 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/string_view.h"
 #include "service/server/model_config_file.h"
 
 namespace {
@@ -20,6 +23,23 @@ ABSL_FLAG(int32_t, device, 0, "GPU index for --backend=cuda");
 ABSL_FLAG(std::string, cuda_prefill, "exact",
           "CUDA prefill: exact (fp32, ~1e-6 from the fp64 oracle) | tensor_core (bf16 UT form, "
           "~1e-2, fast for long prompts)");
+ABSL_FLAG(int32_t, tensor_parallel, 1,
+          "Tensor parallelism: the model's heads sharded over this many ranks (must divide the "
+          "key heads); 1: none");
+ABSL_FLAG(std::string, tp_mode, "threads",
+          "threads (this process drives the GPUs over NCCL) | processes (this process is rank 0; "
+          "ranks > 0 run `kvbuffer-tp-worker --leader=HOST:PORT --device=D`) | simulated (CPU "
+          "shards in this process, no NCCL)");
+ABSL_FLAG(std::string, tp_devices, "",
+          "GPUs of ranks 0..N-1, e.g. 0,1 (default 0..N-1); --tp_mode=processes uses the first "
+          "for rank 0 (default --device)");
+ABSL_FLAG(std::string, tp_bootstrap, "0.0.0.0:7070",
+          "--tp_mode=processes: HOST:PORT where rank 0 serves the bootstrap the workers join");
+ABSL_FLAG(double, tp_init_timeout_seconds, 120,
+          "Longest wait for every tensor-parallel rank to join at startup");
+ABSL_FLAG(double, tp_op_timeout_seconds, 60,
+          "A tensor-parallel command slower than this on any rank breaks the group (health "
+          "NOT_SERVING)");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on");
 ABSL_FLAG(int32_t, port, 50051, "Port to listen on; 0 picks a free one (printed on stdout)");
 ABSL_FLAG(std::string, model, "qwen3-next-80b-a3b",
@@ -93,6 +113,48 @@ absl::StatusOr<DType> StorageDType(const std::string& flag, const std::string& v
 absl::Status Positive(const char* flag, double v) {
   if (v > 0) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be > 0, got ", v));
+}
+
+// Reads the tensor-parallel flags into `tp`; `model` is what the heads are split from.
+absl::Status TensorParallelFromFlags(const ModelConfig& model, TensorParallelChoice& tp) {
+  tp.size = absl::GetFlag(FLAGS_tensor_parallel);
+  if (tp.size < 1 || tp.size > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tensor_parallel must be in [1, 64], got ", tp.size));
+  }
+  tp.mode = absl::AsciiStrToLower(absl::GetFlag(FLAGS_tp_mode));
+  if (tp.mode != "threads" && tp.mode != "processes" && tp.mode != "simulated") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tp_mode is \"", tp.mode, "\", expected threads, processes or simulated"));
+  }
+  if (tp.size > 1 && model.num_k_heads % tp.size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--tensor_parallel=", tp.size,
+                                                   " does not divide the model's ",
+                                                   model.num_k_heads, " key heads"));
+  }
+  tp.devices.clear();
+  for (absl::string_view d :
+       absl::StrSplit(absl::GetFlag(FLAGS_tp_devices), ',', absl::SkipWhitespace())) {
+    int device = -1;
+    if (!absl::SimpleAtoi(d, &device) || device < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--tp_devices is \"",
+                                                     absl::GetFlag(FLAGS_tp_devices),
+                                                     "\", expected GPU indices like 0,1"));
+    }
+    tp.devices.push_back(device);
+  }
+  tp.bootstrap = absl::GetFlag(FLAGS_tp_bootstrap);
+  if (tp.mode == "processes" && tp.bootstrap.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tp_bootstrap is \"", tp.bootstrap, "\", expected HOST:PORT"));
+  }
+  const double init = absl::GetFlag(FLAGS_tp_init_timeout_seconds);
+  const double op = absl::GetFlag(FLAGS_tp_op_timeout_seconds);
+  if (absl::Status s = Positive("tp_init_timeout_seconds", init); !s.ok()) return s;
+  if (absl::Status s = Positive("tp_op_timeout_seconds", op); !s.ok()) return s;
+  tp.init_timeout = absl::Seconds(init);
+  tp.op_timeout = absl::Seconds(op);
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -192,6 +254,7 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
   c.backend.name = absl::GetFlag(FLAGS_backend);
   c.backend.device = absl::GetFlag(FLAGS_device);
   c.backend.cuda_prefill = absl::GetFlag(FLAGS_cuda_prefill);
+  if (absl::Status st = TensorParallelFromFlags(e.model, c.backend.tp); !st.ok()) return st;
   const double grace = absl::GetFlag(FLAGS_drain_grace_seconds);
   const double timeout = absl::GetFlag(FLAGS_shutdown_timeout_seconds);
   if (grace < 0 || timeout < 0) {

@@ -19,6 +19,7 @@
 #include "service/server/backend_factory.h"
 #include "service/server/drain.h"
 #include "service/server/kvbuffer_server.h"
+#include "service/server/log_flags.h"
 #include "service/server/server_flags.h"
 
 #ifndef KVB_VERSION
@@ -56,12 +57,24 @@ int main(int argc, char** argv) {
 
   absl::StatusOr<kvbuffer::server::ServerConfig> config = kvbuffer::server::ServerConfigFromFlags();
   if (!config.ok()) return Fail(config.status());
-  absl::StatusOr<std::unique_ptr<kvbuffer::Backend>> backend =
-      kvbuffer::server::MakeBackend(config->backend);
+  // Structured logs (log_flags.h): startup and shutdown events here, every call in the server.
+  absl::StatusOr<std::shared_ptr<kvbuffer::server::LogWriter>> log =
+      kvbuffer::server::LogWriterFromFlags();
+  if (!log.ok()) return Fail(log.status());
+  config->server.request_log = std::make_shared<kvbuffer::server::RequestLog>(*log);
+  // A tensor-parallel group that breaks turns every health name NOT_SERVING (declared before the
+  // backend: the group may report while it is torn down).
+  kvbuffer::server::BrokenGroupRelay broken_group;
+  absl::StatusOr<kvbuffer::server::ServingBackend> backend = kvbuffer::server::MakeServingBackend(
+      config->backend, config->engine,
+      [&broken_group](const absl::Status& why) { broken_group.Report(why); });
   if (!backend.ok()) return Fail(backend.status());
-  const std::string backend_name = (*backend)->Name();
+  const std::string backend_name = backend->backend->Name();
+  const int32_t tensor_parallel = backend->tensor_parallel_size;
+  // Rank 0's bootstrap (mode processes) lives until main returns, after the engine.
+  std::shared_ptr<void> keep_alive = std::move(backend->keep_alive);
   absl::StatusOr<std::unique_ptr<kvbuffer::Engine>> engine =
-      kvbuffer::Engine::Create(config->engine, std::move(*backend));
+      kvbuffer::Engine::Create(config->engine, std::move(backend->backend));
   if (!engine.ok()) return Fail(engine.status());
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -74,12 +87,15 @@ int main(int argc, char** argv) {
     options.identity.features.push_back(options.tls.client_ca_file.empty() ? "tls" : "mutual_tls");
   }
   if (options.auth.tokens != nullptr) options.identity.features.push_back("bearer_auth");
+  options.identity.tensor_parallel_size = tensor_parallel;
+  if (tensor_parallel > 1) options.identity.features.push_back("tensor_parallel");
   if (options.auth.tenant_from_client_cert) {
     options.identity.features.push_back("client_cert_tenants");
   }
   absl::StatusOr<std::unique_ptr<kvbuffer::server::KvbufferServer>> server =
       kvbuffer::server::KvbufferServer::Start(options, std::move(*engine));
   if (!server.ok()) return Fail(server.status());
+  broken_group.Attach([raw = server->get()](const absl::Status& why) { raw->MarkUnhealthy(why); });
 
   const kvbuffer::ModelConfig& model = config->engine.model;
   std::fprintf(stderr,
@@ -89,6 +105,10 @@ int main(int argc, char** argv) {
                model.num_k_heads, model.num_v_heads, model.head_k_dim, model.head_v_dim,
                model.conv_width, config->engine.flush_interval, config->engine.stateless_limit,
                static_cast<long long>(options.max_message_bytes));
+  if (tensor_parallel > 1) {
+    std::fprintf(stderr, "kvbuffer-server: tensor parallel %d (%s): %s\n", tensor_parallel,
+                 config->backend.tp.mode.c_str(), backend->layout.c_str());
+  }
   if (options.auth.tokens != nullptr && !options.tls.tls()) {
     std::fprintf(stderr,
                  "kvbuffer-server: WARNING: bearer tokens on a plaintext port travel unencrypted; "
@@ -96,13 +116,24 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "kvbuffer-server: API port %s, authentication %s\n",
                options.tls.require_client_cert ? "mutual TLS"
-               : options.tls.tls()            ? "TLS"
-                                              : "plaintext",
+               : options.tls.tls()             ? "TLS"
+                                               : "plaintext",
                options.auth.tokens != nullptr && options.auth.tenant_from_client_cert
                    ? "bearer tokens or client certificates"
-               : options.auth.tokens != nullptr      ? "bearer tokens"
+               : options.auth.tokens != nullptr       ? "bearer tokens"
                : options.auth.tenant_from_client_cert ? "client certificates"
                                                       : "off (every caller is tenant \"\")");
+  (*log)->Log(kvbuffer::server::LogLevel::kInfo, "server_started",
+              {{"version", KVB_VERSION},
+               {"backend", backend_name},
+               {"model", model.name},
+               {"host", options.host},
+               {"port", (*server)->port()},
+               {"health_port", (*server)->health_port()},
+               {"metrics_port", (*server)->metrics_port()},
+               {"tls", options.tls.tls()},
+               {"bearer_auth", options.auth.tokens != nullptr},
+               {"tensor_parallel", tensor_parallel}});
   std::printf("listening on %s:%d\n", options.host.c_str(), (*server)->port());
   if ((*server)->health_port() >= 0) {
     const std::string& hhost = options.health_host.empty() ? options.host : options.health_host;
@@ -118,6 +149,8 @@ int main(int argc, char** argv) {
   while (sig == 0) sig = WaitForSignal(signals, absl::Hours(1));
   std::fprintf(stderr, "kvbuffer-server: %s: draining (readiness NOT_SERVING)\n",
                sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  (*log)->Log(kvbuffer::server::LogLevel::kInfo, "server_draining",
+              {{"signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"}});
   (*server)->BeginDrain();
   if (config->drain_grace > absl::ZeroDuration()) {
     // A second signal cuts the grace period short.
@@ -128,7 +161,18 @@ int main(int argc, char** argv) {
   (*server)->Shutdown(config->shutdown_timeout);
   std::fprintf(stderr, "kvbuffer-server: %s\n",
                kvbuffer::server::FormatDrainReport((*server)->drain_report()).c_str());
+  {
+    const kvbuffer::server::DrainReport report = (*server)->drain_report();
+    (*log)->Log(kvbuffer::server::LogLevel::kInfo, "server_shutdown",
+                {{"open_sequences", report.open},
+                 {"flushed", report.flushed},
+                 {"clean", report.clean},
+                 {"pending_drafts", static_cast<int64_t>(report.pending_drafts.size())},
+                 {"flush_failed", static_cast<int64_t>(report.failed.size())}});
+  }
+  broken_group.Attach(nullptr);
   server->reset();
   std::fprintf(stderr, "kvbuffer-server: stopped\n");
+  (*log)->Log(kvbuffer::server::LogLevel::kInfo, "server_stopped", {});
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "service/server/call_context.h"
+#include "service/server/happens_before.h"
 #include "service/server/status_conversion.h"
 
 namespace kvbuffer::server {
@@ -49,14 +50,20 @@ bool RpcOf(const v1::StreamRequest& request, metrics::Rpc* rpc) {
 
 StreamReactor::StreamReactor(grpc::CallbackServerContext* context,
                              absl::StatusOr<std::string> tenant, RequestHandler* handler,
-                             Executor* executor, int window, metrics::ServiceMetrics* metrics)
+                             Executor* executor, int window, metrics::ServiceMetrics* metrics,
+                             const RequestLog* request_log, std::string request_id)
     : context_(context),
       handler_(handler),
       executor_(executor),
       window_(std::max(window, 1)),
       tenant_(tenant.ok() ? *tenant : std::string()),
       metrics_(metrics),
-      start_(absl::Now()) {
+      start_(absl::Now()),
+      request_log_(request_log),
+      request_id_(std::move(request_id)),
+      peer_(request_log != nullptr ? context->peer() : std::string()) {
+  // gRPC runs no reaction before the reactor is built (the start of each pairs with this).
+  HappensBefore(this);
   if (!tenant.ok()) {
     {
       absl::MutexLock lock(&mu_);
@@ -66,6 +73,7 @@ StreamReactor::StreamReactor(grpc::CallbackServerContext* context,
       metrics_->ObserveRequest(metrics::Rpc::kStream, static_cast<int>(tenant.status().code()),
                                absl::ToDoubleSeconds(absl::Now() - start_));
     }
+    LogStream(static_cast<int>(tenant.status().code()));
     Finish(ToGrpcStatus(tenant.status()));
     return;
   }
@@ -105,6 +113,9 @@ StreamReactor::Actions StreamReactor::NextActions() {
     finished_ = true;
     a.finish = true;
     a.finish_ok = !broken_;
+    // Under mu_, which OnDone takes before destroying `this`: what the end reads of `this`
+    // is then ordered before the destruction.
+    RecordEnd(a.finish_ok);
   }
   return a;
 }
@@ -113,18 +124,25 @@ void StreamReactor::Perform(const Actions& actions) {
   // Each flag set in `actions` was claimed under mu_, which keeps Finish from being chosen by
   // another thread until it completes; so `this` stays alive through the calls below.
   if (actions.schedule) executor_->Schedule([this] { ProcessOne(); });
-  if (actions.read) StartRead(actions.read);
-  if (actions.write) StartWrite(actions.write);
+  if (actions.read || actions.write) {
+    absl::MutexLock lock(&start_mu_);
+    if (actions.read) StartRead(actions.read);
+    if (actions.write) StartWrite(actions.write);
+  }
   if (actions.finish) {
-    if (metrics_ != nullptr) {
-      metrics_->ObserveRequest(
-          metrics::Rpc::kStream,
-          static_cast<int>(actions.finish_ok ? grpc::StatusCode::OK : grpc::StatusCode::CANCELLED),
-          absl::ToDoubleSeconds(absl::Now() - start_));
-    }
+    // Recorded by NextActions under mu_; nothing of `this` is read here but by gRPC's Finish.
     Finish(actions.finish_ok ? grpc::Status::OK
                              : grpc::Status(grpc::StatusCode::CANCELLED, "stream cancelled"));
   }
+}
+
+void StreamReactor::RecordEnd(bool ok) {
+  const int code = static_cast<int>(ok ? grpc::StatusCode::OK : grpc::StatusCode::CANCELLED);
+  if (metrics_ != nullptr) {
+    metrics_->ObserveRequest(metrics::Rpc::kStream, code,
+                             absl::ToDoubleSeconds(absl::Now() - start_));
+  }
+  LogStream(code);
 }
 
 void StreamReactor::ProcessOne() {
@@ -161,6 +179,25 @@ void StreamReactor::ProcessOne() {
       metrics_->AddBytes(static_cast<int64_t>(request->ByteSizeLong()),
                          static_cast<int64_t>(response->ByteSizeLong()));
     }
+    if (request_log_ != nullptr) {
+      const auto request_bytes = static_cast<int64_t>(request->ByteSizeLong());
+      const auto response_bytes = static_cast<int64_t>(response->ByteSizeLong());
+      ++logged_messages_;
+      logged_request_bytes_ += request_bytes;
+      logged_response_bytes_ += response_bytes;
+      CallRecord record;
+      record.request_id = request_id_;
+      record.rpc = StreamCallName(*request);
+      record.tenant = tenant_;
+      record.peer = peer_;
+      record.code = response->status_code();
+      record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - read_at);
+      record.counts = CountsOf(*request);
+      record.request_bytes = request_bytes;
+      record.response_bytes = response_bytes;
+      record.stream_request_id = request->request_id();
+      request_log_->Log(record);
+    }
   }
   Actions actions;
   {
@@ -182,6 +219,8 @@ void StreamReactor::ProcessOne() {
 }
 
 void StreamReactor::OnReadDone(bool ok) {
+  HappensAfter(this);
+  { absl::MutexLock lock(&start_mu_); }  // the StartRead of this request has returned
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -195,9 +234,12 @@ void StreamReactor::OnReadDone(bool ok) {
     actions = NextActions();
   }
   Perform(actions);
+  HappensBefore(&reactions_end_);
 }
 
 void StreamReactor::OnWriteDone(bool ok) {
+  HappensAfter(this);
+  { absl::MutexLock lock(&start_mu_); }  // the StartWrite of this response has returned
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -210,9 +252,11 @@ void StreamReactor::OnWriteDone(bool ok) {
     actions = NextActions();
   }
   Perform(actions);
+  HappensBefore(&reactions_end_);
 }
 
 void StreamReactor::OnCancel() {
+  HappensAfter(this);
   Actions actions;
   {
     absl::MutexLock lock(&mu_);
@@ -222,9 +266,32 @@ void StreamReactor::OnCancel() {
     actions = NextActions();
   }
   Perform(actions);
+  HappensBefore(&reactions_end_);
 }
 
-void StreamReactor::OnDone() { delete this; }
+void StreamReactor::OnDone() {
+  // gRPC calls OnDone after every other reaction has returned: make that order explicit (and
+  // visible to ThreadSanitizer, which cannot see gRPC's) before the state is destroyed.
+  HappensAfter(this);
+  HappensAfter(&reactions_end_);
+  { absl::MutexLock lock(&mu_); }
+  delete this;
+}
+
+void StreamReactor::LogStream(int code) {
+  if (request_log_ == nullptr) return;
+  CallRecord record;
+  record.request_id = request_id_;
+  record.rpc = "Stream";
+  record.tenant = tenant_;
+  record.peer = peer_;
+  record.code = code;
+  record.latency_seconds = absl::ToDoubleSeconds(absl::Now() - start_);
+  record.request_bytes = logged_request_bytes_;
+  record.response_bytes = logged_response_bytes_;
+  record.stream_messages = logged_messages_;
+  request_log_->Log(record);
+}
 
 void StreamReactor::Recycle(std::unique_ptr<v1::StreamRequest> request) {
   if (!request || free_requests_.size() >= kMaxFreeMessages) return;

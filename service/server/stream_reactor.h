@@ -20,6 +20,7 @@
 #include "service/server/executor.h"
 #include "service/server/metrics/service_metrics.h"
 #include "service/server/request_handler.h"
+#include "service/server/request_log.h"
 
 namespace kvbuffer::server {
 
@@ -27,10 +28,12 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
  public:
   // Starts reading for `tenant`; `window` (>= 1) bounds requests read but not yet answered on the
   // wire. When `tenant` is an error (the caller is not authenticated) the stream is finished with
-  // it at once, before any request is read.
+  // it at once, before any request is read. With a `request_log` (may be null; must outlive the
+  // stream) every message and the whole stream are logged under `request_id`.
   StreamReactor(grpc::CallbackServerContext* context, absl::StatusOr<std::string> tenant,
                 RequestHandler* handler, Executor* executor, int window,
-                metrics::ServiceMetrics* metrics);
+                metrics::ServiceMetrics* metrics, const RequestLog* request_log = nullptr,
+                std::string request_id = {});
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
@@ -53,15 +56,34 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   void ProcessOne();  // executor job: runs the oldest pending request
   void Recycle(std::unique_ptr<v1::StreamRequest> request) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Recycle(std::unique_ptr<v1::StreamResponse> response) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Logs the whole stream as finished with `code` (no-op without a request log).
+  void LogStream(int code);
+  // Records the end of the stream (metrics, request log) once Finish is chosen.
+  void RecordEnd(bool ok) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   grpc::CallbackServerContext* const context_;
   RequestHandler* const handler_;
   Executor* const executor_;
   const int window_;
-  const std::string tenant_;  // "" when unauthenticated (then nothing is ever run)
+  const std::string tenant_;                // "" when unauthenticated (then nothing is ever run)
   metrics::ServiceMetrics* const metrics_;  // may be null
   const absl::Time start_;
+  const RequestLog* const request_log_;  // may be null
+  const std::string request_id_;
+  const std::string peer_;
+  // Totals for the stream's log record; only ProcessOne (one at a time) writes them, and the
+  // finish that reads them is chosen under mu_ after the last ProcessOne.
+  int64_t logged_messages_ = 0;
+  int64_t logged_request_bytes_ = 0;
+  int64_t logged_response_bytes_ = 0;
 
+  // Held across StartRead and StartWrite (StartWrite serializes the response on the calling
+  // thread). OnReadDone and OnWriteDone take it once before touching that message, so each is
+  // explicitly ordered after the call that started it (gRPC never runs them inside it), also for
+  // ThreadSanitizer, which cannot see gRPC's own ordering.
+  absl::Mutex start_mu_;
+  // The address whose HappensBefore ends every reaction and whose HappensAfter starts OnDone.
+  char reactions_end_ = 0;
   absl::Mutex mu_;
   std::unique_ptr<v1::StreamRequest> reading_ ABSL_GUARDED_BY(mu_);  // target of the read
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;

@@ -12,9 +12,10 @@ namespace {
 constexpr char kAuthorization[] = "authorization";
 
 absl::Status Unauthenticated(absl::string_view why) {
-  return absl::UnauthenticatedError(absl::StrCat(
-      why, "; send metadata \"authorization: Bearer <token>\" with a token of the server's "
-           "--auth_tokens_file"));
+  return absl::UnauthenticatedError(
+      absl::StrCat(why,
+                   "; send metadata \"authorization: Bearer <token>\" with a token of the server's "
+                   "--auth_tokens_file"));
 }
 
 }  // namespace

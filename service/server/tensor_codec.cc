@@ -44,9 +44,8 @@ absl::Status TensorViewFromProto(const v1::Tensor& t, absl::string_view field, T
   const DType dtype = *DTypeFromProto(t.dtype(), field);
   if (t.shape_size() > kMaxTensorRank) {
     // Checked first, so that no message below prints an unbounded shape.
-    return absl::InvalidArgumentError(absl::StrCat(field, ".shape has ", t.shape_size(),
-                                                   " dimensions, expected at most ",
-                                                   kMaxTensorRank));
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".shape has ", t.shape_size(), " dimensions, expected at most ", kMaxTensorRank));
   }
   out->dtype = dtype;
   out->shape.assign(t.shape().begin(), t.shape().end());

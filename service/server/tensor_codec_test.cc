@@ -55,6 +55,20 @@ TEST(TensorCodecTest, NegativeAndOverflowingShapesAreInvalid) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("expected more than 2^63"));
 }
 
+TEST(TensorCodecTest, TooManyDimensionsAreRefusedBeforeAnyShapeIsPrinted) {
+  v1::Tensor t;
+  t.set_dtype(v1::FP32);
+  for (int i = 0; i < 100000; ++i) t.add_shape(-1);  // negative too: the rank is checked first
+  TensorView view;
+  absl::Status s = TensorViewFromProto(t, "qkv", &view);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "qkv.shape has 100000 dimensions, expected at most 8");
+  t.clear_shape();
+  for (int i = 0; i < kMaxTensorRank; ++i) t.add_shape(1);
+  t.set_data(std::string(4, '\0'));
+  EXPECT_TRUE(TensorViewFromProto(t, "qkv", &view).ok());
+}
+
 TEST(TensorCodecTest, EncodingMovesTheBytes) {
   Tensor t;
   t.dtype = DType::kFloat16;

@@ -11,9 +11,9 @@
 namespace kvbuffer::server {
 
 struct TlsServerFiles {
-  std::string cert_file;       // PEM certificate chain of the server; empty: plaintext
-  std::string key_file;        // PEM private key of that certificate
-  std::string client_ca_file;  // PEM CA bundle client certificates are verified against
+  std::string cert_file;             // PEM certificate chain of the server; empty: plaintext
+  std::string key_file;              // PEM private key of that certificate
+  std::string client_ca_file;        // PEM CA bundle client certificates are verified against
   bool require_client_cert = false;  // refuse connections without a verified client certificate
 
   bool tls() const { return !cert_file.empty(); }

@@ -144,13 +144,16 @@ TEST_F(HeldExecutorTest, ACallWhoseDeadlinePassedWhileQueuedDoesNoWork) {
   v1::StreamRequest call = driver_->DecodeCall(0, {seq_});
   v1::LayerOutput out;
   client::CallOptions opts;
-  opts.timeout = absl::Milliseconds(300);
+  opts.timeout = absl::Milliseconds(1500);  // reaches the server even on a loaded machine
   opts.max_attempts = 1;
   absl::Status s;
   std::thread caller([&] { s = driver_->client()->DecodeStep(call.decode_step(), &out, opts); });
   ASSERT_TRUE(WaitQueued(1));  // the call reached the server and waits for the executor
   caller.join();
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
+  // The server's deadline is the client's shifted by the time the call took to arrive: give it
+  // that margin before the executor is released.
+  absl::SleepFor(absl::Milliseconds(500));
   ReleaseAndDrain();
   EXPECT_EQ(ServerPosition(0), 10);  // not applied
   // The same call now runs for real (not a replay) and the sequence goes on.

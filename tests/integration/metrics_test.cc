@@ -29,7 +29,9 @@ TEST(MetricsEndpointTest, CountsCallsByRpcAndCodeOnBothTransports) {
     ASSERT_TRUE(d.Open({a}).ok());
     ASSERT_TRUE(d.Prefill({a}, {70}).ok());  // over the stateless limit: holds a state slot
     EXPECT_EQ(d.Flush({d.NewSequence(999)}).code(), absl::StatusCode::kNotFound);
-    if (mode == "stream") ASSERT_TRUE(d.CloseTransport().ok());
+    if (mode == "stream") {
+      ASSERT_TRUE(d.CloseTransport().ok());
+    }
   }
 
   absl::StatusOr<std::string> page = HttpGet(port, "/metrics");

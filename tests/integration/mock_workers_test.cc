@@ -34,7 +34,9 @@ void ExpectCleanSession(const absl::StatusOr<mock::MockSessionReport>& report, i
   EXPECT_EQ(report->mismatches, 0);
   EXPECT_EQ(report->first_error, "");
   EXPECT_EQ(report->sequences, sequences);
-  if (expect_short_prompts) EXPECT_GT(report->short_prompts, 0);
+  if (expect_short_prompts) {
+    EXPECT_GT(report->short_prompts, 0);
+  }
   EXPECT_GT(report->decode_tokens, 0);
   EXPECT_GT(report->drafts_verified, 0);
   EXPECT_GT(report->flushes, 0);

@@ -20,6 +20,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "service/engine/cpu_backend.h"
 #include "service/engine/engine.h"
 
 namespace kvbuffer::testing {
@@ -36,10 +37,12 @@ EngineOptions SmallModelOptions() {
   return o;
 }
 
-std::unique_ptr<InProcessServer> InProcessServer::Start(
-    EngineOptions engine, server::ServerOptions options,
-    std::unique_ptr<server::Executor> executor) {
-  absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(std::move(engine), MakeCpuBackend());
+std::unique_ptr<InProcessServer> InProcessServer::Start(EngineOptions engine,
+                                                        server::ServerOptions options,
+                                                        std::unique_ptr<server::Executor> executor,
+                                                        std::unique_ptr<Backend> backend) {
+  if (!backend) backend = MakeCpuBackend();
+  absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(std::move(engine), std::move(backend));
   EXPECT_TRUE(e.ok()) << e.status();
   if (!e.ok()) return nullptr;
   options.host = "127.0.0.1";
@@ -145,11 +148,44 @@ absl::StatusOr<int> ChildServer::WaitExit(absl::Duration timeout) {
   return absl::DeadlineExceededError("still running");
 }
 
+absl::StatusOr<std::string> ChildServer::ReadStdoutLine(absl::Duration timeout) {
+  return ReadLine(stdout_fd_, timeout);
+}
+
 std::string ChildServer::Stderr() const {
   std::ifstream in(stderr_path_);
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
+}
+
+absl::StatusOr<pid_t> SpawnProgram(const std::vector<std::string>& args) {
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    const int null = open("/dev/null", O_WRONLY);
+    if (null >= 0) {
+      dup2(null, STDOUT_FILENO);
+      dup2(null, STDERR_FILENO);
+    }
+    std::vector<char*> argv = Argv(args);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+absl::StatusOr<std::string> WaitProgram(pid_t pid, absl::Duration timeout) {
+  const absl::Time until = absl::Now() + timeout;
+  while (absl::Now() < until) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid) {
+      if (WIFEXITED(status)) return absl::StrCat("exit ", WEXITSTATUS(status));
+      return absl::StrCat("signal ", WTERMSIG(status));
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return absl::DeadlineExceededError(absl::StrCat("process ", pid, " still running"));
 }
 
 absl::StatusOr<int> RunProgram(const std::vector<std::string>& args, std::string* output,

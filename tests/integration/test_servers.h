@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "service/engine/backend.h"
 #include "service/engine/engine_options.h"
 #include "service/server/executor.h"
 #include "service/server/kvbuffer_server.h"
@@ -22,10 +23,12 @@ EngineOptions SmallModelOptions();
 // A KvbufferServer on 127.0.0.1:0 in this process, on the CPU backend.
 class InProcessServer {
  public:
-  // Starts it (fails the calling test on error); `executor` null = a new one of 2 threads.
+  // Starts it (fails the calling test on error); `executor` null = a new one of 2 threads;
+  // `backend` null = the CPU backend.
   static std::unique_ptr<InProcessServer> Start(
       EngineOptions engine = SmallModelOptions(), server::ServerOptions options = {},
-      std::unique_ptr<server::Executor> executor = nullptr);
+      std::unique_ptr<server::Executor> executor = nullptr,
+      std::unique_ptr<Backend> backend = nullptr);
 
   std::string address() const { return server_->dial_address(); }
   server::KvbufferServer* server() { return server_.get(); }
@@ -56,6 +59,9 @@ class ChildServer {
   // What the child wrote on stderr so far.
   std::string Stderr() const;
 
+  // The next line the child writes on stdout (after "listening on ..."), within `timeout`.
+  absl::StatusOr<std::string> ReadStdoutLine(absl::Duration timeout);
+
  private:
   pid_t pid_ = -1;
   int stdout_fd_ = -1;  // kept open so the child never writes into a closed pipe
@@ -63,6 +69,12 @@ class ChildServer {
   std::string address_;
   std::string stderr_path_;
 };
+
+// Starts `argv` in the background with stdout and stderr discarded; its pid.
+absl::StatusOr<pid_t> SpawnProgram(const std::vector<std::string>& argv);
+
+// Waits up to `timeout` for child `pid` to end; how it ended ("exit N" or "signal N").
+absl::StatusOr<std::string> WaitProgram(pid_t pid, absl::Duration timeout);
 
 // Runs `argv` to completion, returns its exit code and fills `output` with stdout.
 absl::StatusOr<int> RunProgram(const std::vector<std::string>& argv, std::string* output,

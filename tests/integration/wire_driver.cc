@@ -9,8 +9,9 @@
 
 namespace kvbuffer::testing {
 
-WireDriver::WireDriver(const std::string& address, const std::string& mode, uint64_t seed)
-    : mode_(mode), seed_(seed), client_(client::Client::Connect(address)) {
+WireDriver::WireDriver(const std::string& address, const std::string& mode, uint64_t seed,
+                       const client::ClientOptions& options)
+    : mode_(mode), seed_(seed), client_(client::Client::Connect(address, options)) {
   transport_ = mode == "stream" ? mock::MakeStreamTransport(client_.get(), 4, absl::Minutes(10))
                                 : mock::MakeUnaryTransport(client_.get());
 }
@@ -67,6 +68,30 @@ absl::Status WireDriver::Flush(const Seqs& seqs) {
   return client::FromStreamResponse(Run(std::move(call)));
 }
 
+absl::Status WireDriver::CheckOutputs(mock::LayerKind kind, int32_t layer, const Seqs& seqs,
+                                      const std::vector<int32_t>& tokens,
+                                      const v1::LayerOutput& output) {
+  std::vector<double> errors;
+  if (absl::Status s = calls_->Check(kind, layer, seqs, tokens, output, &errors); !s.ok()) {
+    return s;
+  }
+  for (size_t i = 0; i < errors.size(); ++i) {
+    max_error_ = std::max(max_error_, std::isnan(errors[i]) ? INFINITY : errors[i]);
+    if (!(errors[i] <= tolerance)) {
+      return absl::InternalError(absl::StrCat(mock::LayerKindName(kind), " layer ", layer,
+                                              " sequence ", seqs[i]->id(), ": relative error ",
+                                              errors[i], " > ", tolerance));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WireDriver::CheckDecodeAnswer(int32_t layer, const Seqs& seqs,
+                                           const v1::LayerOutput& output) {
+  return CheckOutputs(mock::LayerKind::kDecode, layer, seqs, std::vector<int32_t>(seqs.size(), 1),
+                      output);
+}
+
 template <typename Request>
 absl::Status WireDriver::LayerStep(mock::LayerKind kind, const Seqs& seqs,
                                    const std::vector<int32_t>& tokens,
@@ -76,18 +101,9 @@ absl::Status WireDriver::LayerStep(mock::LayerKind kind, const Seqs& seqs,
     calls_->Fill(layer, seqs, tokens, (call.*mutable_request)());
     v1::StreamResponse response = Run(std::move(call));
     if (absl::Status s = client::FromStreamResponse(response); !s.ok()) return s;
-    std::vector<double> errors;
-    if (absl::Status s = calls_->Check(kind, layer, seqs, tokens, response.layer_output(), &errors);
+    if (absl::Status s = CheckOutputs(kind, layer, seqs, tokens, response.layer_output());
         !s.ok()) {
       return s;
-    }
-    for (size_t i = 0; i < errors.size(); ++i) {
-      max_error_ = std::max(max_error_, std::isnan(errors[i]) ? INFINITY : errors[i]);
-      if (!(errors[i] <= tolerance)) {
-        return absl::InternalError(absl::StrCat(mock::LayerKindName(kind), " layer ", layer,
-                                                " sequence ", seqs[i]->id(), ": relative error ",
-                                                errors[i], " > ", tolerance));
-      }
     }
   }
   return absl::OkStatus();

@@ -20,8 +20,9 @@ using Seqs = std::vector<mock::CheckedSequence*>;
 
 class WireDriver {
  public:
-  // Connects to `address`; `mode` is "unary" or "stream".
-  WireDriver(const std::string& address, const std::string& mode, uint64_t seed = 1);
+  // Connects to `address`; `mode` is "unary" or "stream"; `options` carry TLS and the token.
+  WireDriver(const std::string& address, const std::string& mode, uint64_t seed = 1,
+             const client::ClientOptions& options = {});
 
   // Reads the server's model and rebuilds its layer parameters.
   absl::Status Init();
@@ -48,12 +49,19 @@ class WireDriver {
   // A valid DecodeStep call for `seqs` on `layer`, to be corrupted by a test (not checked).
   v1::StreamRequest DecodeCall(int32_t layer, const Seqs& seqs);
 
+  // Checks `output`, the answer to the DecodeCall last made for `seqs` on `layer` (sent by the
+  // test in any way, replayed or not), against the oracles, which advance; INTERNAL beyond
+  // `tolerance`.
+  absl::Status CheckDecodeAnswer(int32_t layer, const Seqs& seqs, const v1::LayerOutput& output);
+
   const ModelConfig& config() const { return config_; }
   client::Client* client() { return client_.get(); }
   double max_error() const { return max_error_; }
   double tolerance = 1e-5;
 
  private:
+  absl::Status CheckOutputs(mock::LayerKind kind, int32_t layer, const Seqs& seqs,
+                            const std::vector<int32_t>& tokens, const v1::LayerOutput& output);
   template <typename Request>
   absl::Status LayerStep(mock::LayerKind kind, const Seqs& seqs, const std::vector<int32_t>& tokens,
                          Request* (v1::StreamRequest::*mutable_request)());
