@@ -13,7 +13,8 @@
 #
 # Usage: scripts/sanitizers.sh [asan|tsan|all] [extra ctest args...]   (default: all)
 #        scripts/sanitizers.sh env tsan    prints the environment to run one TSan binary by hand
-# Environment: KVB_JOBS (2), KVB_TSAN_LABELS ("unit|integration").
+# Environment: KVB_JOBS (2), KVB_TSAN_LABELS ("unit|integration"), KVB_TSAN_EXCLUDE (a ctest -E
+# regex of tests TSan skips, e.g. the single-threaded math suites "^(Shards|ChunkedPrefillTest)/").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -76,11 +77,12 @@ case $what in
     esac
     ;;
   asan) run asan "unit|integration" asan_env "$@" ;;
-  tsan) run tsan "${KVB_TSAN_LABELS:-unit|integration}" tsan_env "$@" ;;
+  tsan) run tsan "${KVB_TSAN_LABELS:-unit|integration}" tsan_env ${KVB_TSAN_EXCLUDE:+-E "$KVB_TSAN_EXCLUDE"} "$@" ;;
   all)
     s=0
     run asan "unit|integration" asan_env "$@" || s=1
-    run tsan "${KVB_TSAN_LABELS:-unit|integration}" tsan_env "$@" || s=1
+    run tsan "${KVB_TSAN_LABELS:-unit|integration}" tsan_env \
+      ${KVB_TSAN_EXCLUDE:+-E "$KVB_TSAN_EXCLUDE"} "$@" || s=1
     exit $s
     ;;
   *)

@@ -225,7 +225,7 @@ void PutStatus(const absl::Status& s, int32_t rank, uint64_t sequence, const Bac
   out->device_total_bytes = m.device_total_bytes;
   out->device_free_bytes = m.device_free_bytes;
   const size_t n = std::min(s.message().size(), sizeof(out->message) - 1);
-  std::memcpy(out->message, s.message().data(), n);
+  if (n > 0) std::memcpy(out->message, s.message().data(), n);
 }
 
 absl::Status GetStatus(const RankStatus& s) {
