@@ -122,8 +122,14 @@ class TwoRanks {
   }
 
   ~TwoRanks() {
-    engine_ = absl::StatusOr<std::unique_ptr<Engine>>(absl::CancelledError("torn down"));
+    DestroyEngine();
     if (worker_.joinable()) worker_.join();
+  }
+
+  // Destroys the engine and with it rank 0 (which tells the worker to leave).
+  void DestroyEngine() {
+    leader_ = nullptr;
+    engine_ = absl::StatusOr<std::unique_ptr<Engine>>(absl::CancelledError("torn down"));
   }
 
   Engine* engine() { return engine_.ok() ? engine_->get() : nullptr; }
@@ -184,15 +190,15 @@ TEST(TpBackendTest, WorkingGroupServesAndShutsDownCleanly) {
 }
 
 TEST(TpBackendTest, WorkerLeavesOnShutdown) {
-  auto g = std::make_unique<TwoRanks>(FastOptions());
-  ASSERT_NE(g->engine(), nullptr);
-  absl::Notification* done = &g->worker_done();
-  const absl::Status* result = &g->worker_result();
-  // Destroying the engine destroys rank 0, which sends kShutdown.
-  std::thread destroy([&] { g.reset(); });
-  ASSERT_TRUE(done->WaitForNotificationWithTimeout(absl::Seconds(5)));
-  EXPECT_TRUE(result->ok()) << *result;
+  TwoRanks g(FastOptions());
+  ASSERT_NE(g.engine(), nullptr);
+  // Destroying the engine destroys rank 0, which sends kShutdown. The group itself (and the
+  // worker's result) stays alive until the destroying thread has been joined.
+  std::thread destroy([&] { g.DestroyEngine(); });
+  const bool left = g.worker_done().WaitForNotificationWithTimeout(absl::Seconds(5));
   destroy.join();
+  ASSERT_TRUE(left);
+  EXPECT_TRUE(g.worker_result().ok()) << g.worker_result();
 }
 
 TEST(TpBackendTest, RankHangingInAStepTurnsIntoUnavailableNotAHang) {
