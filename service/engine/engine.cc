@@ -53,32 +53,44 @@ absl::Status CheckTensor(const char* name, const TensorView& t, DType dtype, int
   return absl::OkStatus();
 }
 
-// Rejects NaN and Inf before they can reach a state (an exponent-bits test, no conversions).
-absl::Status CheckFinite(const char* name, const TensorView& t) {
+// Rejects NaN, Inf and finite values of magnitude 2^kActivationMagnitudeLog2 or more before they
+// can reach a state (an exponent-bits test, no conversions). FP16 cannot hold such a value, so
+// there only NaN and Inf are refused.
+absl::Status CheckActivationValues(const char* name, const TensorView& t) {
+  static_assert(kActivationMagnitudeLog2 > 16 && kActivationMagnitudeLog2 < 127);
   const size_t n = t.size_bytes / DTypeSize(t.dtype);
   size_t bad = n;
   if (t.dtype == DType::kFloat32) {
+    // |x| >= 2^k (Inf and NaN included) <=> the bits without the sign are >= those of 2^k.
+    constexpr uint32_t limit = uint32_t{127 + kActivationMagnitudeLog2} << 23;
     const auto* w = static_cast<const uint32_t*>(t.data);
     uint32_t any = 0;
-    for (size_t i = 0; i < n; ++i) any |= ((w[i] & 0x7f800000u) == 0x7f800000u);
+    for (size_t i = 0; i < n; ++i) any |= ((w[i] & 0x7fffffffu) >= limit);
     if (any) {
-      for (bad = 0; (w[bad] & 0x7f800000u) != 0x7f800000u; ++bad) {
+      for (bad = 0; (w[bad] & 0x7fffffffu) < limit; ++bad) {
       }
     }
   } else {
-    const uint16_t mask = t.dtype == DType::kBFloat16 ? 0x7f80u : 0x7c00u;
+    const uint16_t limit = t.dtype == DType::kBFloat16
+                               ? static_cast<uint16_t>((127 + kActivationMagnitudeLog2) << 7)
+                               : uint16_t{0x7c00};  // FP16: Inf and NaN
     const auto* h = static_cast<const uint16_t*>(t.data);
     uint32_t any = 0;
-    for (size_t i = 0; i < n; ++i) any |= ((h[i] & mask) == mask);
+    for (size_t i = 0; i < n; ++i) any |= ((h[i] & 0x7fffu) >= limit);
     if (any) {
-      for (bad = 0; (h[bad] & mask) != mask; ++bad) {
+      for (bad = 0; (h[bad] & 0x7fffu) < limit; ++bad) {
       }
     }
   }
   if (bad < n) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " holds a non-finite value (",
-                                                   LoadAsFloat(t.data, t.dtype, bad),
-                                                   ") at element ", bad));
+    const float v = LoadAsFloat(t.data, t.dtype, bad);
+    if (!std::isfinite(v)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " holds a non-finite value (", v, ") at element ", bad));
+    }
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, " holds ", v, " at element ", bad, "; activations must have |x| < 2^",
+        kActivationMagnitudeLog2, " (", static_cast<int64_t>(kMaxActivationMagnitude), ")"));
   }
   return absl::OkStatus();
 }
@@ -237,7 +249,7 @@ absl::Status Engine::ValidateActivations(const LayerCall& call, int64_t total_to
   for (auto [name, t] : {std::pair<const char*, const TensorView*>{"qkv", &call.qkv},
                          {"a", &call.a},
                          {"b", &call.b}}) {
-    if (absl::Status s = CheckFinite(name, *t); !s.ok()) return s;
+    if (absl::Status s = CheckActivationValues(name, *t); !s.ok()) return s;
   }
   return absl::OkStatus();
 }
@@ -717,6 +729,11 @@ EngineInfo Engine::Info() {
   info.drafts_verified = drafts_verified_;
   info.drafts_accepted = drafts_accepted_;
   return info;
+}
+
+int32_t Engine::OpenSequencesOf(const std::string& tenant) {
+  absl::MutexLock lock(&mu_);
+  return table_.CountTenant(tenant);
 }
 
 CapacityEstimate Engine::EstimateCapacity(int64_t length, int32_t drafts) {

@@ -71,6 +71,14 @@ struct SequenceKey {
   uint64_t id = 0;
 };
 
+// Activations (qkv, a, b) must be finite and of magnitude below 2^kActivationMagnitudeLog2;
+// others are INVALID_ARGUMENT naming the field, the element and the bound. The bound keeps every
+// fp32 intermediate (conv, L2 norms, state, outputs) far from overflow and is orders of magnitude
+// above any real projection output; every FP16 value is below it.
+inline constexpr int kActivationMagnitudeLog2 = 20;
+inline constexpr float kMaxActivationMagnitude = 1048576.0f;  // 2^20
+static_assert(kMaxActivationMagnitude == float(1 << kActivationMagnitudeLog2));
+
 // Everything GetServerInfo reports.
 struct EngineInfo {
   EngineOptions options;
@@ -123,6 +131,9 @@ class Engine {
 
   // Pools, counters and settings.
   EngineInfo Info();
+
+  // Open sequences of one tenant.
+  int32_t OpenSequencesOf(const std::string& tenant);
 
   // Memory per sequence and sequences that fit, at `length` tokens with `drafts` per step.
   CapacityEstimate EstimateCapacity(int64_t length, int32_t drafts);

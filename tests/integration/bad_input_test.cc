@@ -1,7 +1,7 @@
 // Every field of every request, malformed over the wire (unary and on a Stream): each is refused
 // with a precise status naming the field and what was expected, and changes nothing: afterwards
-// the sequences go on and still match their fp64 oracles. NaN and Inf activations of every dtype
-// are refused before they can reach a state.
+// the sequences go on and still match their fp64 oracles. NaN and Inf activations of every dtype,
+// and finite ones of magnitude 2^20 or more, are refused before they can reach a state.
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -321,10 +321,120 @@ TEST_P(BadInputTest, NonFiniteActivationsOfEveryDtypeAreRefusedBeforeTheyReachAS
                    absl::StatusCode::kInvalidArgument,
                    {"b holds a non-finite value (nan)"}});
   RunCases(cases);
-  // The largest finite values are accepted (only non-finite ones are refused).
+  // The largest finite FP16 value is accepted (every FP16 value is below the magnitude bound).
   v1::StreamRequest call = driver_->DecodeCall(0, {a_, b_});
   WithValue(call.mutable_decode_step(), DType::kFloat16, "a", 0, 65504.0f);
   EXPECT_EQ(driver_->Run(std::move(call)).status_code(), 0);
+}
+
+TEST_P(BadInputTest, ActivationsOfMagnitudeTwoToTheTwentyOrMoreAreRefused) {
+  const std::string bound = "activations must have |x| < 2^20 (1048576)";
+  const std::vector<Case> cases = {
+      {"FP32 qkv 1e38",
+       [](auto* c) { WithValue(c->mutable_decode_step(), DType::kFloat32, "qkv", 7, 1e38f); },
+       absl::StatusCode::kInvalidArgument,
+       {"qkv holds 1e+38 at element 7; ", bound}},
+      {"FP32 a exactly -2^20",
+       [](auto* c) { WithValue(c->mutable_decode_step(), DType::kFloat32, "a", 3, -1048576.0f); },
+       absl::StatusCode::kInvalidArgument,
+       {"a holds -1.04858e+06 at element 3; ", bound}},
+      {"BF16 b 2^21",
+       [](auto* c) { WithValue(c->mutable_decode_step(), DType::kBFloat16, "b", 1, 2097152.0f); },
+       absl::StatusCode::kInvalidArgument,
+       {"b holds 2.09715e+06 at element 1; ", bound}},
+      {"prefill FP32 qkv -3e30",
+       [](auto* c) {
+         WithValue(c->mutable_decode_step(), DType::kFloat32, "qkv", 0, -3e30f);
+         AsPrefill(c);
+       },
+       absl::StatusCode::kInvalidArgument,
+       {"qkv holds -3e+30 at element 0; ", bound}},
+      {"verify BF16 a 1e20",
+       [](auto* c) {
+         WithValue(c->mutable_decode_step(), DType::kBFloat16, "a", 2, 1e20f);
+         AsVerify(c);
+       },
+       absl::StatusCode::kInvalidArgument,
+       {"a holds ", "at element 2; ", bound}},
+  };
+  RunCases(cases);
+}
+
+// Every activation just below the bound, in FP32 and BF16, through a chunked prefill past the
+// stateless limit, decodes across flush boundaries, drafts and a commit, and an explicit flush: the
+// server answers every call, every output is finite, and the sequence goes on.
+TEST_P(BadInputTest, ActivationsJustBelowTheMagnitudeBoundAreServedAndEveryOutputIsFinite) {
+  const ModelConfig& m = driver_->config();
+  const int64_t C = m.channels(), HV = m.num_v_heads;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    const uint64_t id = dtype == DType::kFloat32 ? 201 : 202;
+    // The largest values below 2^20 of each dtype, with pseudo-random signs (a = -max: no decay).
+    const float big = dtype == DType::kFloat32 ? 1048575.9375f : 1044480.0f;
+    uint64_t rng = 0x9e3779b97f4a7c15ull ^ id;
+    auto next_sign = [&rng] {
+      rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+      return (rng >> 11) & 1 ? 1.0f : -1.0f;
+    };
+    v1::StreamRequest open;
+    open.mutable_open_sequences()->add_ids(id);
+    ASSERT_EQ(driver_->Run(open).status_code(), 0);
+    int64_t position = 0;
+    // One call of kind `kind` ("prefill", "decode", "verify") with `tokens` tokens on every layer.
+    auto step = [&](const std::string& kind, int32_t tokens) {
+      for (int32_t layer = 0; layer < m.num_layers; ++layer) {
+        std::vector<float> qkv(tokens * C), a(tokens * HV), b(tokens * HV);
+        for (float& x : qkv) x = big * next_sign();
+        for (float& x : a) x = -big;
+        for (float& x : b) x = big * next_sign();
+        v1::StreamRequest call;
+        auto fill = [&](auto* r) {
+          r->set_layer(layer);
+          v1::SequenceTokens* s = r->add_sequences();
+          s->set_id(id);
+          s->set_position(position);
+          s->set_num_tokens(tokens);
+          client::SetTensor(qkv, {tokens, C}, dtype, r->mutable_qkv());
+          client::SetTensor(a, {tokens, HV}, dtype, r->mutable_a());
+          client::SetTensor(b, {tokens, HV}, dtype, r->mutable_b());
+        };
+        if (kind == "prefill") fill(call.mutable_prefill());
+        if (kind == "decode") fill(call.mutable_decode_step());
+        if (kind == "verify") fill(call.mutable_verify_drafts());
+        v1::StreamResponse r = driver_->Run(std::move(call));
+        ASSERT_EQ(r.status_code(), 0) << kind << " layer " << layer << ": " << r.status_message();
+        std::vector<float> out;
+        ASSERT_OK(client::TensorToFloats(r.layer_output().output(), &out));
+        ASSERT_EQ(out.size(), static_cast<size_t>(tokens * HV * m.head_v_dim));
+        for (size_t i = 0; i < out.size(); ++i) {
+          ASSERT_TRUE(std::isfinite(out[i])) << kind << " layer " << layer << " output " << i;
+        }
+      }
+    };
+    ASSERT_NO_FATAL_FAILURE(step("prefill", 100));
+    position += 100;
+    for (int i = 0; i < 20; ++i) {
+      ASSERT_NO_FATAL_FAILURE(step("decode", 1));
+      position += 1;
+    }
+    ASSERT_NO_FATAL_FAILURE(step("verify", 4));
+    v1::StreamRequest commit;
+    v1::CommitItem* item = commit.mutable_commit_drafts()->add_items();
+    item->set_id(id);
+    item->set_position(position);
+    item->set_accepted(2);
+    ASSERT_EQ(driver_->Run(commit).status_code(), 0);
+    position += 2;
+    v1::StreamRequest flush;
+    flush.mutable_flush()->add_ids(id);
+    ASSERT_EQ(driver_->Run(flush).status_code(), 0);
+    ASSERT_NO_FATAL_FAILURE(step("decode", 1));
+    absl::StatusOr<SequenceInfo> info = server_->engine()->Describe("", id);
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->positions[0], position + 1);
+  }
+  // The other sequences were not disturbed.
+  ASSERT_OK(driver_->Decode({a_, b_}));
 }
 
 TEST_P(BadInputTest, EveryFieldOfTheOtherCallsIsValidated) {
