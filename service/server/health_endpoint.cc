@@ -7,6 +7,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "service/server/builder_plugins.h"
 
 namespace kvbuffer::server {
 
@@ -20,6 +21,8 @@ absl::StatusOr<std::unique_ptr<HealthEndpoint>> HealthEndpoint::Start(const std:
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &e->port_);
   builder.SetMaxReceiveMessageSize(4096);  // health requests are a service name
+  builder.SetOption(WithoutPlugins());     // no reflection (nor any other plugin service)
+  builder.RegisterCallbackGenericService(&e->unimplemented_);
   e->server_ = builder.BuildAndStart();
   if (!e->server_ || e->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("health endpoint: could not listen on ", address));

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/server.h"
 
 namespace kvbuffer::server {
@@ -33,6 +34,9 @@ class HealthEndpoint {
  private:
   HealthEndpoint() = default;
 
+  // Answers every method but health UNIMPLEMENTED. It also gives the server the polled callback
+  // queue it needs once no plugin (reflection) brings sync methods.
+  grpc::CallbackGenericService unimplemented_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 };

@@ -10,6 +10,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "service/server/builder_plugins.h"
 #include "service/server/health_names.h"
 #include "service/server/metrics/engine_gauges.h"
 
@@ -26,6 +27,11 @@ std::string HostPort(const std::string& host, int port) {
 }
 
 }  // namespace
+
+bool ReflectionServed(const ServerOptions& options) {
+  const bool per_call_auth = options.auth.tokens != nullptr || options.auth.tenant_from_client_cert;
+  return options.reflection && (!per_call_auth || options.tls.require_client_cert);
+}
 
 KvbufferServer::KvbufferServer(ServerOptions options, std::unique_ptr<Engine> engine,
                                std::unique_ptr<Executor> executor)
@@ -63,6 +69,7 @@ absl::StatusOr<std::unique_ptr<KvbufferServer>> KvbufferServer::Start(
   builder.SetMaxReceiveMessageSize(static_cast<int>(s->options_.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(s->options_.max_message_bytes));
   builder.RegisterService(s->service_.get());
+  if (!ReflectionServed(s->options_)) builder.SetOption(WithoutPlugins({kReflectionPlugin}));
   s->server_ = builder.BuildAndStart();
   if (!s->server_ || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("could not listen on ", address));

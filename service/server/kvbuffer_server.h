@@ -2,8 +2,8 @@
 // limits, the AttentionService with its callers' tenants (bearer tokens or client certificates),
 // the standard health service (liveness and readiness names, see health_names.h; optionally also
 // on a plaintext health-only port), the idle reclaimer, and draining and graceful shutdown with
-// the drain flush. Server reflection is a process-wide plugin that server_main.cc turns on before
-// Start.
+// the drain flush. Server reflection is a process-wide plugin (present when the binary links
+// grpc++_reflection, as kvbuffer-server does); ReflectionServed says when the API port keeps it.
 #pragma once
 
 #include <cstdint>
@@ -48,7 +48,16 @@ struct ServerOptions {
   std::string health_host;   // empty: the same as host
   bool flush_on_shutdown = true;                  // Shutdown ends with the drain flush (drain.h)
   std::shared_ptr<const RequestLog> request_log;  // null: calls are not logged (request_log.h)
+  bool reflection = true;  // keep server reflection (if linked) where ReflectionServed allows it
 };
+
+// Whether the API port serves grpc.reflection: only when `options.reflection` is on and no call
+// needs credentials the reflection service cannot check, i.e. authentication is off, or every
+// connection proved itself in the TLS handshake (--require_client_cert). With bearer tokens (or
+// client-certificate tenants without required certificates) reflection is off: gRPC's reflection
+// plugin runs outside our per-call authentication, so it would answer anyone. The health port
+// never serves it.
+bool ReflectionServed(const ServerOptions& options);
 
 class KvbufferServer {
  public:

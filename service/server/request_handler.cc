@@ -41,7 +41,7 @@ LayerCall& ScratchLayerCall() {
 RequestHandler::RequestHandler(Engine* engine, ServerIdentity identity)
     : engine_(engine), identity_(std::move(identity)), limits_(LimitsFor(engine->options())) {}
 
-absl::Status RequestHandler::GetServerInfo(const std::string& /*tenant*/,
+absl::Status RequestHandler::GetServerInfo(const std::string& tenant,
                                            const v1::GetServerInfoRequest& request,
                                            v1::GetServerInfoResponse* response) {
   if (absl::Status s = ValidateGetServerInfo(request, limits_); !s.ok()) return s;
@@ -74,7 +74,9 @@ absl::Status RequestHandler::GetServerInfo(const std::string& /*tenant*/,
 
   v1::Capacity* capacity = response->mutable_capacity();
   capacity->set_max_sequences(o.max_sequences);
-  capacity->set_open_sequences(info.open_sequences);
+  // The caller's own sequences (with authentication off every sequence is tenant ""'s); the pools
+  // are shared, so their free counts are the server's.
+  capacity->set_open_sequences(engine_->OpenSequencesOf(tenant));
   capacity->set_state_slots(o.state_slots);
   capacity->set_free_state_slots(info.free_state_slots);
   capacity->set_buffer_pages(o.buffer_pages);

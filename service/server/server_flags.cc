@@ -95,6 +95,10 @@ ABSL_FLAG(int32_t, health_port, -1,
           "Plaintext port serving only grpc.health.v1 (for probes when the API port needs TLS or "
           "tokens); 0 picks a free one (printed on stdout); -1: off");
 ABSL_FLAG(std::string, health_host, "", "Address of the health-only port; empty: --host");
+ABSL_FLAG(bool, reflection, true,
+          "Serve grpc.reflection on the API port; it is off regardless while calls must "
+          "authenticate per call (bearer tokens, or client-certificate tenants without "
+          "--require_client_cert): the reflection service cannot check credentials");
 ABSL_FLAG(double, shutdown_timeout_seconds, 30,
           "On SIGTERM/SIGINT: seconds in-flight calls get to finish before they are cancelled");
 
@@ -250,6 +254,7 @@ absl::StatusOr<ServerConfig> ServerConfigFromFlags() {
         absl::StrCat("--health_port must be -1 (off) or in [0, 65535], got ", s.health_port));
   }
   s.health_host = absl::GetFlag(FLAGS_health_host);
+  s.reflection = absl::GetFlag(FLAGS_reflection);
 
   c.backend.name = absl::GetFlag(FLAGS_backend);
   c.backend.device = absl::GetFlag(FLAGS_device);

@@ -77,12 +77,17 @@ int main(int argc, char** argv) {
       kvbuffer::Engine::Create(config->engine, std::move(backend->backend));
   if (!engine.ok()) return Fail(engine.status());
 
+  // Linking grpc++_reflection registers the plugin for every server of the process; the API port
+  // keeps it only where ReflectionServed allows, the health port never.
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   kvbuffer::server::ServerOptions& options = config->server;
   options.identity.version = KVB_VERSION;
   options.identity.features = {"prefill", "decode_step", "verify_drafts", "commit_drafts",
                                "flush",   "stream",      "exact_replay",  "stateless_sequences",
-                               "health",  "reflection"};
+                               "health"};
+  if (kvbuffer::server::ReflectionServed(options)) {
+    options.identity.features.push_back("reflection");
+  }
   if (options.tls.tls()) {
     options.identity.features.push_back(options.tls.client_ca_file.empty() ? "tls" : "mutual_tls");
   }

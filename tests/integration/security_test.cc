@@ -4,6 +4,7 @@
 // made for each test by the openssl command line.
 #include <signal.h>
 
+#include <chrono>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -11,11 +12,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "client/cpp/client_credentials.h"
 #include "client/cpp/client_status.h"
 #include "client/cpp/kvbuffer_client.h"
 #include "client/mock_worker/mock_session.h"
 #include "client/mock_worker/session_report.h"
 #include "gmock/gmock.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "grpcpp/client_context.h"
 #include "gtest/gtest.h"
 #include "service/server/bearer_auth.h"
 #include "tests/integration/test_certs.h"
@@ -59,6 +63,27 @@ client::ClientOptions WithToken(const std::string& token) {
   client::ClientOptions o;
   o.bearer_token = token;
   return o;
+}
+
+// Asks grpc.reflection on `channel` for the list of services, sending `token` when not empty:
+// the status of the Stream when it ends without an answer (UNIMPLEMENTED where reflection is not
+// served).
+absl::Status ListServicesByReflection(const std::shared_ptr<grpc::Channel>& channel,
+                                      const std::string& token = "") {
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  client::AddBearerToken(token, &context);
+  auto stream = stub->ServerReflectionInfo(&context);
+  grpc::reflection::v1alpha::ServerReflectionRequest request;
+  request.set_list_services("*");
+  grpc::reflection::v1alpha::ServerReflectionResponse response;
+  if (stream->Write(request) && stream->Read(&response)) {
+    context.TryCancel();
+    stream->Finish().ok();  // CANCELLED, by us
+    return absl::OkStatus();
+  }
+  return client::FromGrpcStatus(stream->Finish());
 }
 
 class SecurityTest : public ::testing::Test {
@@ -342,6 +367,29 @@ TEST_P(TokenTest, EachTenantHasItsOwnSequenceQuota) {
   ASSERT_OK(b.Close({b1, b2}));
 }
 
+TEST_P(TokenTest, GetServerInfoCountsOnlyTheCallersOwnSequences) {
+  server::ServerOptions o;
+  o.auth.tokens = Tokens();
+  auto server = InProcessServer::Start(SmallModelOptions(), o);
+  ASSERT_NE(server, nullptr);
+  WireDriver a(server->address(), GetParam(), 1, WithToken(kTokenA));
+  WireDriver b(server->address(), GetParam(), 2, WithToken(kTokenB));
+  ASSERT_OK(a.Init());
+  ASSERT_OK(b.Init());
+  ASSERT_OK(a.Open({a.NewSequence(1), a.NewSequence(2), a.NewSequence(3)}));
+  ASSERT_OK(b.Open({b.NewSequence(1)}));
+  auto open_as_seen_by = [](WireDriver& d) -> int32_t {
+    v1::StreamRequest info;
+    info.mutable_get_server_info();
+    v1::StreamResponse r = d.Run(std::move(info));
+    EXPECT_EQ(r.status_code(), 0) << r.status_message();
+    return r.get_server_info().capacity().open_sequences();
+  };
+  EXPECT_EQ(open_as_seen_by(a), 3);
+  EXPECT_EQ(open_as_seen_by(b), 1);
+  EXPECT_EQ(server->engine()->Info().open_sequences, 4);  // the server's own total
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, TokenTest, ::testing::Values("unary", "stream"),
                          [](const auto& info) { return info.param; });
 
@@ -368,9 +416,27 @@ TEST_F(SecurityTest, TheHealthPortAnswersProbesInPlaintextAndExposesNoApi) {
     ASSERT_TRUE(h.ok()) << name << ": " << h.status();
     EXPECT_EQ(*h, HealthResponse::SERVING) << name;
   }
-  // The health port serves no API method, even with a valid token.
+  // The health port serves no API method, even with a valid token, and no reflection.
   auto api_on_health = client::Client::Connect(std::string(health_address), WithToken(kTokenA));
   absl::Status s = api_on_health->GetServerInfo({}, Once()).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  s = ListServicesByReflection(probe->channel());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  // With bearer tokens the API port does not serve reflection either (it cannot check tokens),
+  // and GetServerInfo does not list the feature.
+  auto tls_a = client::Client::Connect(server.address(), [&] {
+    client::ClientOptions o = WithToken(kTokenA);
+    o.tls.enabled = true;
+    o.tls.root_certs_pem = certs_.ca_pem;
+    return o;
+  }());
+  absl::StatusOr<v1::GetServerInfoResponse> info = tls_a->GetServerInfo({}, Once());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_THAT(info->features(), Not(::testing::Contains("reflection")));
+  EXPECT_THAT(info->features(), ::testing::Contains("bearer_auth"));
+  s = ListServicesByReflection(tls_a->channel());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  s = ListServicesByReflection(tls_a->channel(), kTokenA);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
   // The API port speaks TLS only; with TLS and a token the mock worker passes.
   auto plain = client::Client::Connect(server.address(), WithToken(kTokenA));
