@@ -2,6 +2,7 @@
 
     import kvbuffer
     client = kvbuffer.Client("127.0.0.1:50051")
+    secure = kvbuffer.Client("kvb-0:50051", tls_ca="ca.pem", token_file="my.token")  # TLS + token
     routed = kvbuffer.RoutedClient(["10.0.0.1:50051", "10.0.0.2:50051"])   # past one host
 
 See kvbuffer.client (operations), kvbuffer.routing (consistent hashing), kvbuffer.reference (fp64
@@ -10,7 +11,7 @@ numpy oracle and the seeded layer parameters), kvbuffer.capacity (memory per seq
 """
 from kvbuffer._proto import pb
 from kvbuffer.client import (KVBufferError, LayerResult, Client, Seq, StreamSession,
-                             RETRYABLE)
+                             RETRYABLE, read_token_file, tls_credentials)
 from kvbuffer.routing import HashRing, ReplicaErrors, RoutedClient, resolve_dns, \
     statefulset_addresses
 from kvbuffer.tensors import BF16, FP16, FP32
@@ -24,6 +25,7 @@ HEALTH_READINESS = "readiness"
 
 __all__ = [
     "pb", "Client", "StreamSession", "KVBufferError", "LayerResult", "Seq", "RETRYABLE",
+    "read_token_file", "tls_credentials",
     "HashRing", "RoutedClient", "ReplicaErrors", "resolve_dns", "statefulset_addresses",
     "FP32", "FP16", "BF16", "HEALTH_LIVENESS", "HEALTH_READINESS", "__version__",
 ]

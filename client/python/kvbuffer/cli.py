@@ -4,6 +4,7 @@
     kvbuffer-cli --server 127.0.0.1:50051 health [--service NAME]...
     kvbuffer-cli --server 127.0.0.1:50051 capacity --length 32768 --drafts 4
     kvbuffer-cli --metrics http://127.0.0.1:9464/metrics stats
+    kvbuffer-cli --server kvb-0:50051 --tls-ca ca.pem --token-file my.token info   # TLS + token
 
 Exit status: 0 on success (health: every checked name SERVING), 1 on a failed check, 2 when the
 server cannot be reached or answers with an error.
@@ -181,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.add_argument("--token", default=os.environ.get("KVBUFFER_TOKEN"),
                    help="bearer token (env KVBUFFER_TOKEN)")
+    p.add_argument("--token-file", default=os.environ.get("KVBUFFER_TOKEN_FILE"),
+                   help="file whose first line is the bearer token (env KVBUFFER_TOKEN_FILE)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS (system roots unless --tls-ca)")
+    p.add_argument("--tls-ca", default=os.environ.get("KVBUFFER_TLS_CA"),
+                   help="PEM CA the server certificate must chain to; implies --tls "
+                        "(env KVBUFFER_TLS_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("KVBUFFER_TLS_CERT"),
+                   help="PEM client certificate for mutual TLS; implies --tls "
+                        "(env KVBUFFER_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("KVBUFFER_TLS_KEY"),
+                   help="PEM private key of --tls-cert (env KVBUFFER_TLS_KEY)")
+    p.add_argument("--tls-server-name", default=None,
+                   help="name the server certificate must carry (default: the --server host)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("info", help="model, buffer settings, capacity, counters")
     s.add_argument("--json", action="store_true")
@@ -205,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "stats":
             return cmd_stats(args)
-        with Client(args.server, timeout=args.timeout, retries=1, token=args.token) as client:
+        token = None if args.token_file else args.token  # an explicit file wins over the env
+        with Client(args.server, timeout=args.timeout, retries=1, token=token,
+                    token_file=args.token_file, tls=args.tls, tls_ca=args.tls_ca,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    tls_server_name=args.tls_server_name) as client:
             return {"info": cmd_info, "health": cmd_health, "capacity": cmd_capacity}[args.cmd](
                 client, args)
     except KVBufferError as e:
         print(f"kvbuffer-cli: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"kvbuffer-cli: {e}", file=sys.stderr)
         return 2
 

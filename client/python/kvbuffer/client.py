@@ -197,25 +197,74 @@ class _Ops:
         self._invoke("flush", pb.FlushRequest(ids=[int(i) for i in ids]), timeout)
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in `path`: its first line, without surrounding white space."""
+    lines = _read(path, "token file").decode("utf-8", "replace").splitlines()
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ValueError(f"token file: {path} holds no token on its first line")
+    return token
+
+
+def tls_credentials(ca: str | None = None, cert: str | None = None,
+                    key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca` the CA(s) the server certificate must chain to
+    (None: the system roots); `cert` and `key` a client certificate and its key (mutual TLS).
+    ValueError naming a file that cannot be read, or a certificate without its key."""
+    if (cert is None) != (key is None):
+        raise ValueError("give both tls_cert and tls_key (mutual TLS), or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "tls_ca") if ca else None,
+        private_key=_read(key, "tls_key") if key else None,
+        certificate_chain=_read(cert, "tls_cert") if cert else None)
+
+
 class Client(_Ops):
     """Unary client of one server. Thread-safe (one gRPC channel)."""
 
     def __init__(self, target: str, *, timeout: float | None = 30.0, retries: int = 3,
                  backoff: float = 0.05, metadata: Sequence[tuple[str, str]] = (),
-                 token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, token_file: str | None = None, tls: bool = False,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_server_name: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (), channel: grpc.Channel | None = None):
         """target "host:port"; timeout: default deadline of each attempt (seconds, None = none);
-        retries: extra attempts on UNAVAILABLE/DEADLINE_EXCEEDED; token: bearer token."""
+        retries: extra attempts on UNAVAILABLE/DEADLINE_EXCEEDED.
+
+        Security (docs/reliability.md §5): token / token_file: bearer token sent as
+        `authorization: Bearer <token>` on every call (token_file: its first line). tls: connect
+        with TLS, trusting the system roots, or tls_ca (PEM; implies tls); tls_cert + tls_key: a
+        client certificate for mutual TLS (implies tls); tls_server_name: the name the server
+        certificate must carry when it is not the target's host. credentials: ready-made
+        grpc.ChannelCredentials instead of the tls_* files."""
         self.target = target
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
+        if token and token_file:
+            raise ValueError("give token or token_file, not both")
+        if token_file:
+            token = read_token_file(token_file)
         md = list(metadata)
         if token:
             md.append(("authorization", f"Bearer {token}"))
         self.metadata = tuple(md)
         opts = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
         opts += list(options)
+        if credentials is None and (tls or tls_ca or tls_cert or tls_key):
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        self.secure = channel is None and credentials is not None
         if channel is not None:
             self._channel = channel
         elif credentials is not None:

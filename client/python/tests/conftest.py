@@ -58,6 +58,7 @@ class ServerProcess:
         self.binary = binary
         args = list(DEFAULT_ARGS) + list(extra_args)
         self.metrics_url = None
+        self.health_address = None  # the plaintext health-only port (--health_port), if any
         if metrics and "metrics_port" in server_flags(binary):
             args.append("--metrics_port=0")
             if "metrics_host" in server_flags(binary):
@@ -76,6 +77,9 @@ class ServerProcess:
                 if m and self.address is None:
                     self.address = m.group(1)
                     ready.set()
+                m = re.match(r"health on (\S+:\d+)", line)
+                if m:
+                    self.health_address = m.group(1)
                 m = re.search(r"metrics (?:listening )?on (?:http://)?(\S+:\d+)", line)
                 if m:
                     self.metrics_url = f"http://{m.group(1)}/metrics"
@@ -90,6 +94,9 @@ class ServerProcess:
         # The metrics line may follow the listening line.
         deadline = time.time() + 2
         while metrics and "metrics_port" in server_flags(binary) and self.metrics_url is None \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        while any(a.startswith("--health_port=") for a in args) and self.health_address is None \
                 and time.time() < deadline:
             time.sleep(0.05)
 
