@@ -2,7 +2,9 @@
 """Project rules for rendered KVBuffer manifests (beyond schema validity).
 
 usage: check_manifests.py RENDERED.yaml [--gpus=N]
-Exit 0 when every rule holds; otherwise prints each violation and exits 1.
+Exit 0 when every rule holds; otherwise prints each violation and exits 1. Rules include: gRPC
+probes on the health names, on the plaintext --health_port when the API port has TLS; TLS and token
+files under mounted Secrets.
 """
 from __future__ import annotations
 
@@ -72,13 +74,41 @@ def main() -> int:
         need(gpus == str(args.gpus), f"nvidia.com/gpu limit {gpus!r}, want {args.gpus}")
         need("memory" in res.get("limits", {}), "no memory limit")
         need("cpu" in res.get("requests", {}), "no cpu request")
+        flags_text = "\n".join(cm.get("data", {}).get("server.flags", "") for cm in cms)
+
+        def flag(name):
+            m = re.search(rf"^--{name}=(\S+)\s*$", flags_text, re.M)
+            return m.group(1) if m else None
+
+        # Probes: kubelet gRPC probes speak neither TLS nor tokens, so with TLS on the API port
+        # they must use the plaintext health-only port (--health_port), which the container
+        # declares.
+        health_port = int(flag("health_port")) if flag("health_port") else None
+        probe_port = health_port if health_port not in (None, -1) else GRPC_PORT
+        need(flag("tls_cert") is None or probe_port != GRPC_PORT,
+             "TLS on the API port but probes on it: set --health_port and probe that port")
+        container_ports = {p["containerPort"] for p in server.get("ports", [])}
+        need(probe_port in container_ports, f"probe port {probe_port} is no containerPort")
+        need(probe_port == GRPC_PORT or probe_port != int(flag("metrics_port") or -1),
+             "--health_port must differ from --metrics_port")
         for probe, name in (("livenessProbe", "liveness"), ("readinessProbe", "readiness"),
                             ("startupProbe", "liveness")):
             p = server.get(probe, {}).get("grpc")
             need(p is not None, f"{probe} is not a gRPC probe")
             if p:
                 need(p.get("service") == HEALTH[name], f"{probe} service {p.get('service')!r}")
-                need(p.get("port") == GRPC_PORT, f"{probe} port {p.get('port')}")
+                need(p.get("port") == probe_port, f"{probe} port {p.get('port')}, want {probe_port}")
+        # Credentials named by the flags come from mounted Secrets, never the image or ConfigMap.
+        secret_mounts = [m["mountPath"].rstrip("/") + "/"
+                         for m in server.get("volumeMounts", [])
+                         if "secret" in next((v for v in pod.get("volumes", [])
+                                              if v["name"] == m["name"]), {})]
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
+            path = flag(name)
+            if path:
+                need(any(path.startswith(m) for m in secret_mounts),
+                     f"--{name}={path} is not under a mounted Secret")
+        need(flag("tls_key") is None or flag("tls_cert") is not None, "--tls_key without --tls_cert")
         pre = server.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         need(any("kill -TERM 1" in c for c in pre), "preStop does not start the drain")
         need(seconds_in(pre) < grace, f"preStop sleep {seconds_in(pre)} >= grace {grace}")
