@@ -11,6 +11,10 @@ APT_PACKAGES=(
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev libspdlog-dev libssl-dev
   python3 python3-pip python3-venv openssl
+  # Sanitizer and fuzz stages of scripts/test.sh: clang with libFuzzer and the sanitizer runtimes
+  # (scripts/fuzz.sh), llvm-symbolizer for readable reports (llvm-14). The gcc ASan/UBSan/TSan
+  # runtimes come with gcc.
+  clang-14 libclang-rt-14-dev llvm-14
 )
 
 missing=()
