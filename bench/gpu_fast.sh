@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A short device call for kernel work: GPU tests, compute-sanitizer memcheck on the small tests,
-# then `kvbuffer-bench --fast` (default vs persistent v6 buffered kernel in one run) and the plot. Logs to $OUT.
+# then `kvbuffer-bench --fast` (default v7 streaming kernels vs v5 head kernel and 64-column
+# streaming tiles in one run) and the plot. Logs to $OUT.
 #   bash bench/gpu_fast.sh COMMIT
 set -uo pipefail
 commit=${1:-unknown}
@@ -17,7 +18,7 @@ timeout 100 compute-sanitizer --tool memcheck --error-exitcode 7 .gpu/bin/gpu_te
 echo "compute-sanitizer memcheck: exit $? ; $(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck.log" | tail -1)"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9._-')
 json="$out/$card-$(date -u +%Y-%m-%d).json"
-timeout 170 .gpu/bin/kvbuffer-bench --fast --commit "$commit" --out "$json" > "$out/bench.log" 2>&1
+timeout 330 .gpu/bin/kvbuffer-bench --fast --commit "$commit" --out "$json" > "$out/bench.log" 2>&1
 echo "bench exit $?"
-grep -vE "^(fp32|bf16) C=|^v6 persistent" "$out/bench.log" | tail -32
+grep -vE "^(fp32|bf16) C=|^variant " "$out/bench.log" | tail -32
 python3 bench/plot_results.py "$json" "$out/latency_vs_batch.png" > "$out/tables.md" 2>&1 || true

@@ -272,6 +272,12 @@ class Bench {
         sa.any_fold = (flags & kc::kFoldFirst) != 0;
         sa.variant = variant;
         sa.stagger_ns = stagger_ns;
+        if (m <= kc::kStreamMaxTokens && n <= kc::kStreamMaxRows) {  // streaming items
+          sa.stream_begin = 0;
+          sa.stream_fold_end = (flags & kc::kFoldFirst) ? B : 0;
+          sa.stream_max_tokens = m;
+          sa.stream_max_rows = n;
+        }
         CK(kc::LaunchBufferedStep(sa, stream_));
       } else {
         CK(kc::LaunchTokenPrep(pa, stream_));
@@ -312,8 +318,7 @@ class Bench {
     double sum = 0;
     for (int i = 0; i < C; ++i) {
       const int n = i == 0 ? C : i;
-      const double us =
-          TimeVariant(1, B, 1, n, i == 0 ? kc::kFoldFirst : 0, true, step_variant);
+      const double us = TimeVariant(1, B, 1, n, i == 0 ? kc::kFoldFirst : 0, true, step_variant);
       if (i == 0) r.fold_step_us = us;
       sum += us;
     }
@@ -390,6 +395,11 @@ class Bench {
           sa.max_tokens = 1;
           sa.max_rows = t == C ? 0 : t;
           sa.any_fold = t == C;
+          sa.variant = step_variant;
+          sa.stream_begin = 0;
+          sa.stream_fold_end = t == C ? B : 0;
+          sa.stream_max_tokens = 1;
+          sa.stream_max_rows = t;
           CK(kc::LaunchBufferedStep(sa, stream_));
         }
         CK(cudaStreamSynchronize(stream_));
@@ -664,7 +674,8 @@ int Main(int argc, char** argv) {
     if (a == "--out" && i + 1 < argc) out_path = argv[++i];
     if (a == "--commit" && i + 1 < argc) commit = argv[++i];
     if (a == "--quick") quick = true;
-    // fp32 C=16 only (default and persistent v6 kernels), prefill 4 x 8192.
+    // fp32 C=16 only (default v7 streaming kernels, v5 head kernel, 64-column streaming tiles),
+    // prefill 4 x 8192.
     if (a == "--fast") fast = true;
     if (a == "--profile") profile = true;  // a few launches of each kernel, for ncu
   }
@@ -717,12 +728,11 @@ int Main(int argc, char** argv) {
   std::vector<ConfigResult> configs;
   std::vector<DecodeResult> rec;  // recurrent + prep per batch (from the first config)
   const std::vector<std::pair<int32_t, int>> sweep =
-      quick
-          ? std::vector<std::pair<int32_t, int>>{{kc::kBF16, 16}, {kc::kF32, 16}}
-      : fast ? std::vector<std::pair<int32_t, int>>{{kc::kF32, 16}}
-             : std::vector<std::pair<int32_t, int>>{{kc::kF32, 8},  {kc::kF32, 16},
-                                                    {kc::kF32, 32}, {kc::kBF16, 8},
-                                                    {kc::kBF16, 16}, {kc::kBF16, 32}};
+      quick ? std::vector<std::pair<int32_t, int>>{{kc::kBF16, 16}, {kc::kF32, 16}}
+      : fast
+          ? std::vector<std::pair<int32_t, int>>{{kc::kF32, 16}}
+          : std::vector<std::pair<int32_t, int>>{{kc::kF32, 8},  {kc::kF32, 16},  {kc::kF32, 32},
+                                                 {kc::kBF16, 8}, {kc::kBF16, 16}, {kc::kBF16, 32}};
   for (auto [dtype, C] : sweep) {
     bench.SetBufferDtype(dtype);
     ConfigResult cr;
@@ -754,24 +764,31 @@ int Main(int argc, char** argv) {
     }
     configs.push_back(cr);
   }
-  // The persistent kernel (v6, variant 4) in the same run, fp32 rows, C = 16.
-  ConfigResult old;
-  old.dtype = kc::kF32;
-  old.C = 16;
+  // The v5 head kernel (variant 5) and single streaming tile shapes (variants 7, 11, 13) in the
+  // same run, fp32 rows, C = 16.
   bench.SetBufferDtype(kc::kF32);
-  bench.step_variant = 4;
-  for (size_t i = 0; i < batches.size(); ++i) {
-    DecodeResult r = bench.Decode(batches[i], 16, false);
-    r.recurrent_us = rec[i].recurrent_us;
-    r.recurrent_tile_us = rec[i].recurrent_tile_us;
-    r.recurrent_reg_us = rec[i].recurrent_reg_us;
-    r.prep_us = rec[i].prep_us;
-    std::printf("v6 persistent fp32 C=16 B=%3d: buffered %8.1f us (%.3fx), fold step %8.1f, "
-                "flush %8.1f, verify4 %8.1f\n",
-                r.B, r.buffered_us, r.buffered_us / r.recurrent_us, r.fold_step_us, r.flush_us,
-                r.verify4_us);
-    std::fflush(stdout);
-    old.rows.push_back(r);
+  std::vector<std::pair<int, ConfigResult>> others;
+  for (int variant : {5, 7, 11, 13}) {
+    ConfigResult other;
+    other.dtype = kc::kF32;
+    other.C = 16;
+    bench.step_variant = variant;
+    std::printf("consistency (variant %d): rel err %.3g\n", variant, bench.Consistency(8, 16));
+    for (size_t i = 0; i < batches.size(); ++i) {
+      DecodeResult r = bench.Decode(batches[i], 16, false);
+      r.recurrent_us = rec[i].recurrent_us;
+      r.recurrent_tile_us = rec[i].recurrent_tile_us;
+      r.recurrent_reg_us = rec[i].recurrent_reg_us;
+      r.prep_us = rec[i].prep_us;
+      std::printf(
+          "variant %d fp32 C=16 B=%3d: buffered %8.1f us (%.3fx), fold step %8.1f, "
+          "flush %8.1f, verify4 %8.1f\n",
+          variant, r.B, r.buffered_us, r.buffered_us / r.recurrent_us, r.fold_step_us, r.flush_us,
+          r.verify4_us);
+      std::fflush(stdout);
+      other.rows.push_back(r);
+    }
+    others.emplace_back(variant, other);
   }
   bench.step_variant = 0;
   // Best configuration: lowest geometric mean of buffered/recurrent over B >= 64.
@@ -796,7 +813,7 @@ int Main(int argc, char** argv) {
   std::vector<PrefillResult> prefill;
   const std::vector<std::pair<int, int>> pre =
       quick || fast ? std::vector<std::pair<int, int>>{{4, 8192}}
-            : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}, {16, 2048}};
+                    : std::vector<std::pair<int, int>>{{1, 8192}, {4, 8192}, {16, 2048}};
   PrefillResult chk = bench.Prefill(1, 2048, true);
   std::printf("tensor-core prefill vs recurrent fp32 (1 x 2048 tokens): rel err %.3g\n",
               chk.rel_err);
@@ -825,14 +842,25 @@ int Main(int argc, char** argv) {
                 r.verify4_us / r.buffered_us);
   }
 
-  std::printf("\nsame run, fp32 rows, C=16: v5 kernel (default) vs persistent v6\n");
-  std::printf("| B | buffered v5 | buffered v6 | fold step v5 | fold step v6 | flush v5 | "
-              "flush v6 | verify4 v5 | verify4 v6 |\n|---|---|---|---|---|---|---|---|---|\n");
-  for (size_t i = 0; i < old.rows.size() && i < configs[0].rows.size(); ++i) {
-    const DecodeResult &n = configs[0].rows[i], &o = old.rows[i];
-    std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", n.B,
-                n.buffered_us, o.buffered_us, n.fold_step_us, o.fold_step_us, n.flush_us,
-                o.flush_us, n.verify4_us, o.verify4_us);
+  // configs[i] with fp32 rows and C = 16 is the default kernel's row set.
+  const ConfigResult* v7 = &configs[0];
+  for (const ConfigResult& c : configs) {
+    if (c.dtype == kc::kF32 && c.C == 16) v7 = &c;
+  }
+  for (const auto& [variant, other] : others) {
+    std::printf(
+        "\nsame run, fp32 rows, C=16: default (v7 streaming, shape by case) vs variant %d\n",
+        variant);
+    std::printf(
+        "| B | buffered v7 | buffered v%d | fold step v7 | fold step v%d | flush v7 | "
+        "flush v%d | verify4 v7 | verify4 v%d |\n|---|---|---|---|---|---|---|---|---|\n",
+        variant, variant, variant, variant);
+    for (size_t i = 0; i < other.rows.size() && i < v7->rows.size(); ++i) {
+      const DecodeResult &n = v7->rows[i], &o = other.rows[i];
+      std::printf("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", n.B,
+                  n.buffered_us, o.buffered_us, n.fold_step_us, o.fold_step_us, n.flush_us,
+                  o.flush_us, n.verify4_us, o.verify4_us);
+    }
   }
 
   FILE* f = std::fopen(out_path.c_str(), "w");
@@ -868,10 +896,12 @@ int Main(int argc, char** argv) {
     row_json(bc.rows[i], "    ");
     std::fprintf(f, "%s\n", i + 1 < bc.rows.size() ? "," : "");
   }
-  std::fprintf(f, "  ],\n  \"v6_persistent_fp32_C16_rows\": [\n");
-  for (size_t i = 0; i < old.rows.size(); ++i) {
-    row_json(old.rows[i], "    ");
-    std::fprintf(f, "%s\n", i + 1 < old.rows.size() ? "," : "");
+  for (const auto& [variant, other] : others) {
+    std::fprintf(f, "  ],\n  \"variant%d_fp32_C16_rows\": [\n", variant);
+    for (size_t i = 0; i < other.rows.size(); ++i) {
+      row_json(other.rows[i], "    ");
+      std::fprintf(f, "%s\n", i + 1 < other.rows.size() ? "," : "");
+    }
   }
   std::fprintf(f, "  ],\n  \"sweep\": [\n");
   for (size_t c = 0; c < configs.size(); ++c) {

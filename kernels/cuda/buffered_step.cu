@@ -404,16 +404,8 @@ cudaError_t Launch(const StepArgs& args, size_t smem, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-}  // namespace
-
-size_t BufferedStepSmemBytes(const StepArgs& args) {
-  return static_cast<size_t>(
-             MakeSmem(args.g.K, args.max_tokens, args.max_rows, args.any_fold).total) *
-         sizeof(float);
-}
-
-cudaError_t LaunchBufferedStep(const StepArgs& args, cudaStream_t stream) {
-  if (args.num_items == 0) return cudaSuccess;
+// Every item through the general kernels (head, tile or register kernel).
+cudaError_t LaunchGeneral(const StepArgs& args, cudaStream_t stream) {
   if (args.max_tokens > kMaxStepTokens || args.g.K > 256 || args.g.V % 4 != 0 ||
       args.g.HV % args.g.H != 0) {
     return cudaErrorInvalidValue;
@@ -430,6 +422,39 @@ cudaError_t LaunchBufferedStep(const StepArgs& args, cudaStream_t stream) {
   if (r <= 4) return Launch<4>(args, smem, stream);
   if (r <= 8) return Launch<8>(args, smem, stream);
   return Launch<16>(args, smem, stream);
+}
+
+}  // namespace
+
+size_t BufferedStepSmemBytes(const StepArgs& args) {
+  return static_cast<size_t>(
+             MakeSmem(args.g.K, args.max_tokens, args.max_rows, args.any_fold).total) *
+         sizeof(float);
+}
+
+cudaError_t LaunchBufferedStep(const StepArgs& args, cudaStream_t stream) {
+  if (args.num_items == 0) return cudaSuccess;
+  const int32_t sb = args.stream_begin, fe = args.stream_fold_end;
+  if (sb < 0 || sb >= args.num_items || fe < sb || fe > args.num_items ||
+      !(args.variant == 0 || (args.variant >= 7 && args.variant <= 13))) {
+    return LaunchGeneral(args, stream);
+  }
+  StepArgs st = args;
+  st.max_tokens = args.stream_max_tokens;
+  st.max_rows = args.stream_max_rows;
+  if (!BufferedStepStreamFits(st)) return LaunchGeneral(args, stream);
+  if (sb > 0) {
+    StepArgs general = args;
+    general.num_items = sb;
+    if (const cudaError_t e = LaunchGeneral(general, stream); e != cudaSuccess) return e;
+  }
+  if (fe > sb) {
+    if (const cudaError_t e = LaunchBufferedStepStream(st, sb, fe - sb, true, stream);
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  return LaunchBufferedStepStream(st, fe, args.num_items - fe, false, stream);
 }
 
 }  // namespace kvbuffer::cuda

@@ -13,6 +13,10 @@ namespace kvbuffer::cuda {
 
 // Most tokens of one item in one buffered launch (drafts per verify, or a slice of a prefill).
 inline constexpr int32_t kMaxStepTokens = 16;
+// Most tokens of one item the streaming kernels take (decode and verify of up to 4 drafts).
+inline constexpr int32_t kStreamMaxTokens = 4;
+// Most buffer rows of one item the streaming kernels take.
+inline constexpr int32_t kStreamMaxRows = 64;
 // Value columns one block handles.
 inline constexpr int32_t kStepBV = 32;
 
@@ -31,10 +35,24 @@ struct StepArgs {
   int32_t max_tokens = 0;       // max num_tokens over items
   int32_t max_rows = 0;         // max buffer rows read for combination (non-folding items)
   bool any_fold = false;
-  // 0: best that fits (head kernel with bulk copies, tile, register); 1: register kernel;
-  // 2: tile kernel; 3: head kernel with cp.async instead of bulk copies; 4: persistent head kernel
-  // (the next unit's state copy overlaps this unit's tail; slower, bench/NOTES.md v6); 5: the head
-  // kernel with bulk copies, one block per (item, value head) (same as 0 where it fits).
+  // Items [stream_begin, num_items) are streaming items: no kFoldAfter / kChunked flag,
+  // 0..kStreamMaxTokens tokens (0 only with kFoldFirst) and at most kStreamMaxRows buffer rows;
+  // among them [stream_begin, stream_fold_end) carry kFoldFirst and the rest do not. Streaming
+  // items may go to the streaming kernels while items [0, stream_begin) go to the general ones.
+  // -1: no such promise (every item goes to the general kernels).
+  int32_t stream_begin = -1;
+  int32_t stream_fold_end = -1;
+  int32_t stream_max_tokens = 0;  // max num_tokens over the streaming items
+  int32_t stream_max_rows = 0;    // max buffer_rows over the streaming items
+  // 0: best that fits (streaming items: streaming kernels, shape chosen by measurement; others:
+  // head kernel with bulk copies, tile, register); 1: register kernel; 2: tile kernel; 3: head
+  // kernel with cp.async instead of bulk copies; 4: persistent head kernel (the next unit's state
+  // copy overlaps this unit's tail; slower, bench/NOTES.md v6); 5: the head kernel with bulk
+  // copies, one block per (item, value head), also for plain items (v5); 7: streaming kernels with
+  // 32-column tiles (same as 0 for streaming items); 8: streaming kernels with 64-column tiles; 9:
+  // as 8, state loads with an L2 256-byte prefetch hint; 10: 128-column tiles (a whole head per
+  // block); 11: 64 columns, 16 state rows per thread; 12: 128 columns, 16 state rows per thread;
+  // 13: 32 columns, 16 state rows per thread.
   int32_t variant = 0;
   // Head kernel: blocks of the first waves start (wave % 3) * stagger_ns late, so that the
   // co-resident blocks of an SM load and compute out of phase (0: off).

@@ -123,7 +123,62 @@ struct Round {
   int32_t max_rows = 0;
   bool any_fold = false;
   size_t descs_at = 0, units_at = 0;
+  // Set by OrderForStreaming (kc::StepArgs::stream_*).
+  int32_t stream_begin = -1, stream_fold_end = -1, stream_max_tokens = 0, stream_max_rows = 0;
 };
+
+// True if the streaming kernels may take this descriptor (kc::StepArgs::stream_begin).
+bool StreamEligible(const kc::StepDesc& d) {
+  return (d.flags & (kc::kFoldAfter | kc::kChunked)) == 0 &&
+         d.num_tokens <= kc::kStreamMaxTokens && d.buffer_rows <= kc::kStreamMaxRows &&
+         (d.num_tokens > 0 || (d.flags & kc::kFoldFirst) != 0);
+}
+
+// Lets the streaming fold kernel take a launch of fold-only descriptors when all are eligible.
+void SetFoldOnlyStreaming(const std::vector<kc::StepDesc>& descs, kc::StepArgs* a) {
+  int32_t rows = 0;
+  for (const kc::StepDesc& d : descs) {
+    if (!StreamEligible(d) || (d.flags & kc::kFoldFirst) == 0) return;
+    rows = std::max(rows, d.buffer_rows);
+  }
+  a->stream_begin = 0;
+  a->stream_fold_end = static_cast<int32_t>(descs.size());
+  a->stream_max_tokens = 0;
+  a->stream_max_rows = rows;
+}
+
+// Orders a round's descriptors as general | streaming with a fold | streaming without (prep
+// units follow their descriptors) and records the boundaries for the launch.
+void OrderForStreaming(Round* R) {
+  auto rank = [](const kc::StepDesc& d) {
+    if (!StreamEligible(d)) return 0;
+    return (d.flags & kc::kFoldFirst) != 0 ? 1 : 2;
+  };
+  const size_t n = R->descs.size();
+  std::vector<int32_t> order(n), where(n);
+  for (size_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return rank(R->descs[a]) < rank(R->descs[b]); });
+  std::vector<kc::StepDesc> sorted(n);
+  int32_t begin = static_cast<int32_t>(n), fold_end = static_cast<int32_t>(n);
+  for (size_t i = 0; i < n; ++i) {
+    sorted[i] = R->descs[order[i]];
+    where[order[i]] = static_cast<int32_t>(i);
+    const int r = rank(sorted[i]);
+    if (r >= 1 && begin == static_cast<int32_t>(n)) begin = static_cast<int32_t>(i);
+    if (r == 2 && fold_end == static_cast<int32_t>(n)) fold_end = static_cast<int32_t>(i);
+    if (r >= 1) {
+      R->stream_max_tokens = std::max(R->stream_max_tokens, sorted[i].num_tokens);
+      R->stream_max_rows = std::max(R->stream_max_rows, sorted[i].buffer_rows);
+    }
+  }
+  for (kc::PrepUnit& u : R->units) u.item = where[u.item];
+  R->descs = std::move(sorted);
+  if (begin < static_cast<int32_t>(n)) {
+    R->stream_begin = begin;
+    R->stream_fold_end = fold_end;
+  }
+}
 
 class CudaBackend : public Backend {
  public:
@@ -505,6 +560,7 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   Upload up;
   const size_t pt_at = up.Add(step.page_table.data(), step.page_table.size());
   for (Round& R : rounds) {
+    OrderForStreaming(&R);
     R.descs_at = up.Add(R.descs.data(), R.descs.size());
     R.units_at = up.Add(R.units.data(), R.units.size());
   }
@@ -592,6 +648,7 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
       f.max_tokens = 0;
       f.max_rows = 0;
       f.any_fold = true;
+      SetFoldOnlyStreaming(pre_fold, &f);
       KVB_CUDA_RETURN(kc::LaunchBufferedStep(f, stream_));
     }
     kc::PrepArgs p = pa;
@@ -643,6 +700,10 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
     s.max_tokens = R.max_tokens;
     s.max_rows = R.max_rows;
     s.any_fold = R.any_fold;
+    s.stream_begin = R.stream_begin;
+    s.stream_fold_end = R.stream_fold_end;
+    s.stream_max_tokens = R.stream_max_tokens;
+    s.stream_max_rows = R.stream_max_rows;
     KVB_CUDA_RETURN(kc::LaunchBufferedStep(s, stream_));
   }
 
@@ -694,6 +755,7 @@ absl::Status CudaBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> i
   f.pools = pools_;
   f.counters = static_cast<int32_t*>(d_counters_.ptr);
   f.any_fold = true;
+  SetFoldOnlyStreaming(descs, &f);
   KVB_CUDA_RETURN(kc::LaunchBufferedStep(f, stream_));
   return Finish("FoldBuffers");
 }
