@@ -241,6 +241,98 @@ __global__ void __launch_bounds__(kPrepThreads) ChunkPrepKernel(PrepArgs A) {
   }
 }
 
+// One-token units (decode, or a verify of one draft) for conv width 4 and K, V <= 128: one warp
+// per (unit, head), lane -> 4 channels of q and k (or of v). Every load (three window rows, the new
+// raw row, the conv weights) is issued up front, and the window moves in the same thread that
+// read it (kInlineWindow units are whole items), so no barrier and no second read.
+__global__ void __launch_bounds__(32) DecodePrepKernel(PrepArgs A) {
+  const Geometry g = A.g;
+  const PrepUnit unit = A.units[blockIdx.x];
+  const StepDesc it = A.items[unit.item];
+  const int seg = blockIdx.y;
+  const bool is_qk = seg < g.H;
+  const int hv = seg - g.H;
+  const int lane = threadIdx.x;
+  const int64_t conv_base = ConvBase(g, it.conv_slot, A.layer);
+  const int width = is_qk ? g.K : g.V;
+  const int c = 4 * lane;
+  const bool ok = c < width;
+  const int64_t tok = it.token_offset + unit.t_begin;
+  const bool advance = (unit.flags & kInlineWindow) != 0;
+  const bool drafts = (unit.flags & kStoreDrafts) != 0 && g.max_drafts > 0;
+  // Group 0: q (or v), group 1: k.
+  float4 w[2][4], h1[2], h2[2], h3[2], x[2];
+  int ch[2];
+#pragma unroll
+  for (int gi = 0; gi < 2; ++gi) {
+    ch[gi] =
+        is_qk ? (gi == 0 ? seg * g.K : g.H * g.K + seg * g.K) + c : 2 * g.H * g.K + hv * g.V + c;
+    const bool live = ok && (gi == 0 || is_qk);
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    h1[gi] = h2[gi] = h3[gi] = x[gi] = z;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w[gi][q] = z;
+    if (!live) continue;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      w[gi][q] =
+          *reinterpret_cast<const float4*>(A.w.conv_w + static_cast<int64_t>(ch[gi] + q) * 4);
+    }
+    const int t = unit.t_begin;
+    h3[gi] = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t - 3, ch[gi]);
+    h2[gi] = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t - 2, ch[gi]);
+    h1[gi] = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t - 1, ch[gi]);
+    x[gi] = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t, ch[gi]);
+  }
+#pragma unroll
+  for (int gi = 0; gi < 2; ++gi) {
+    if (gi == 1 && !is_qk) break;
+    float4 y;
+    y.x = Conv4(w[gi][0], h3[gi].x, h2[gi].x, h1[gi].x, x[gi].x);
+    y.y = Conv4(w[gi][1], h3[gi].y, h2[gi].y, h1[gi].y, x[gi].y);
+    y.z = Conv4(w[gi][2], h3[gi].z, h2[gi].z, h1[gi].z, x[gi].z);
+    y.w = Conv4(w[gi][3], h3[gi].w, h2[gi].w, h1[gi].w, x[gi].w);
+    if (!ok) y = make_float4(0.f, 0.f, 0.f, 0.f);
+    float scale = 1.f;
+    if (is_qk) {
+      const float sq = WarpSum(y.x * y.x + y.y * y.y + y.z * y.z + y.w * y.w);
+      scale = rsqrtf(sq + 1e-6f);
+      if (gi == 0) scale *= rsqrtf(static_cast<float>(g.K));
+    }
+    if (!ok) continue;
+    y.x *= scale;
+    y.y *= scale;
+    y.z *= scale;
+    y.w *= scale;
+    float* dst = is_qk ? (gi == 0 ? A.out.q : A.out.k) + (tok * g.H + seg) * g.K + c
+                       : A.out.v + (tok * g.HV + hv) * g.V + c;
+    *reinterpret_cast<float4*>(dst) = y;
+    if (advance) {
+      Store4(A.pools.conv, A.pools.conv_dtype, conv_base + ch[gi], h2[gi]);
+      Store4(A.pools.conv, A.pools.conv_dtype, conv_base + g.channels + ch[gi], h1[gi]);
+      Store4(A.pools.conv, A.pools.conv_dtype, conv_base + 2 * g.channels + ch[gi], x[gi]);
+    }
+    if (drafts) {
+      Store4(A.pools.conv, A.pools.conv_dtype, conv_base + 3 * g.channels + ch[gi], x[gi]);
+    }
+  }
+  if (!is_qk && lane == 0) {
+    const float av = LoadElem(A.a, A.in_dtype, tok * g.HV + hv) + A.w.dt_bias[hv];
+    const float sp = av > 20.f ? av : log1pf(expf(av));
+    const float gg = -expf(A.w.a_log[hv]) * sp;
+    const float bb = LoadElem(A.b, A.in_dtype, tok * g.HV + hv);
+    A.out.beta[tok * g.HV + hv] = 1.f / (1.f + expf(-bb));
+    float G = 0.f;
+    if (!(it.flags & kFoldFirst) && it.buffer_rows > 0) {
+      int32_t slot;
+      uint8_t* blk = RowBlock(A.pools, A.page_table, it.page_offset, g.page_tokens, A.layer,
+                              it.buffer_rows - 1, &slot);
+      G = *RowG(A.pools, g, blk, slot, hv);
+    }
+    A.out.G[tok * g.HV + hv] = G + gg;
+  }
+}
+
 __global__ void WindowAdvanceKernel(WindowAdvanceArgs A) {
   const int ch = blockIdx.y * blockDim.x + threadIdx.x;
   if (ch >= A.g.channels) return;
@@ -272,6 +364,9 @@ cudaError_t LaunchTokenPrep(const PrepArgs& args, cudaStream_t stream) {
   if (args.chunk_only && args.g.W == 4 && args.g.K <= 128 && args.g.V <= 128 && args.g.K % 4 == 0 &&
       args.g.V % 4 == 0) {
     ChunkPrepKernel<<<grid, kPrepThreads, 0, stream>>>(args);
+  } else if (args.max_unit_tokens == 1 && args.g.W == 4 && args.g.K <= 128 && args.g.V <= 128 &&
+             args.g.K % 4 == 0 && args.g.V % 4 == 0 && args.g.channels % 4 == 0) {
+    DecodePrepKernel<<<grid, 32, 0, stream>>>(args);
   } else {
     // One token per unit (decode): one warp per block, so idle warps hold no SM slots.
     const int threads = args.max_unit_tokens == 1 ? 32 : kPrepThreads;
