@@ -136,6 +136,20 @@ class Backend {
 
   // Memory the backend holds and, for a device, what the card has.
   virtual BackendMemory Memory() const = 0;
+
+  // Host memory that this backend writes step outputs into (and reads activations from) fastest,
+  // e.g. page-locked memory that a GPU copies to without a bounce buffer; nullptr (the default)
+  // where plain memory is as good. The engine keeps its output buffers there. May be called
+  // while another thread is inside a call of this backend.
+  virtual void* AllocateHostBuffer(size_t /*bytes*/) { return nullptr; }
+
+  // Frees memory from AllocateHostBuffer (no call may be using it).
+  virtual void FreeHostBuffer(void* /*p*/) {}
+
+  // True if activations in AllocateHostBuffer memory save this backend a copy of its own; the
+  // engine then copies them there while it checks them (qkv, a and b at 256-byte aligned offsets
+  // of one buffer). Default false.
+  virtual bool PrefersHostBufferInputs() const { return false; }
 };
 
 // Creates the exact CPU backend.

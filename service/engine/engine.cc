@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -9,9 +10,15 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "service/engine/activation_scan.h"
 
 namespace kvbuffer {
 namespace {
+
+// Output blocks: at most kPooledBlocks unreferenced ones are kept for reuse, none larger than
+// kPooledBlockBytes (larger ones are plain memory, freed once unreferenced).
+constexpr size_t kPooledBlocks = 8;
+constexpr size_t kPooledBlockBytes = size_t{64} << 20;
 
 const char* KindName(StepKind kind) {
   switch (kind) {
@@ -56,32 +63,16 @@ absl::Status CheckTensor(const char* name, const TensorView& t, DType dtype, int
 // Rejects NaN, Inf and finite values of magnitude 2^kActivationMagnitudeLog2 or more before they
 // can reach a state (an exponent-bits test, no conversions). FP16 cannot hold such a value, so
 // there only NaN and Inf are refused.
-absl::Status CheckActivationValues(const char* name, const TensorView& t) {
+absl::Status CheckActivationValues(const char* name, const TensorView& t, void* copy_to) {
   static_assert(kActivationMagnitudeLog2 > 16 && kActivationMagnitudeLog2 < 127);
   const size_t n = t.size_bytes / DTypeSize(t.dtype);
-  size_t bad = n;
-  if (t.dtype == DType::kFloat32) {
-    // |x| >= 2^k (Inf and NaN included) <=> the bits without the sign are >= those of 2^k.
-    constexpr uint32_t limit = uint32_t{127 + kActivationMagnitudeLog2} << 23;
-    const auto* w = static_cast<const uint32_t*>(t.data);
-    uint32_t any = 0;
-    for (size_t i = 0; i < n; ++i) any |= ((w[i] & 0x7fffffffu) >= limit);
-    if (any) {
-      for (bad = 0; (w[bad] & 0x7fffffffu) < limit; ++bad) {
-      }
-    }
-  } else {
-    const uint16_t limit = t.dtype == DType::kBFloat16
-                               ? static_cast<uint16_t>((127 + kActivationMagnitudeLog2) << 7)
-                               : uint16_t{0x7c00};  // FP16: Inf and NaN
-    const auto* h = static_cast<const uint16_t*>(t.data);
-    uint32_t any = 0;
-    for (size_t i = 0; i < n; ++i) any |= ((h[i] & 0x7fffu) >= limit);
-    if (any) {
-      for (bad = 0; (h[bad] & 0x7fffu) < limit; ++bad) {
-      }
-    }
-  }
+  // |x| >= 2^k (Inf and NaN included) <=> the bits without the sign are >= those of 2^k.
+  uint32_t limit = 0x7c00;  // FP16: Inf and NaN
+  if (t.dtype == DType::kFloat32) limit = uint32_t{127 + kActivationMagnitudeLog2} << 23;
+  if (t.dtype == DType::kBFloat16) limit = uint32_t{127 + kActivationMagnitudeLog2} << 7;
+  const size_t bad = copy_to == nullptr
+                         ? FindFirstMagnitudeAtLeast(t.data, n, t.dtype, limit)
+                         : CopyAndFindFirstMagnitudeAtLeast(t.data, copy_to, n, t.dtype, limit);
   if (bad < n) {
     const float v = LoadAsFloat(t.data, t.dtype, bad);
     if (!std::isfinite(v)) {
@@ -104,7 +95,15 @@ Engine::Engine(EngineOptions options, std::unique_ptr<Backend> backend)
       state_pool_(options_.state_slots),
       page_pool_(options_.buffer_pages) {}
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [key, seq] : table_.all()) DropReplayOutputs(seq.get());
+  for (HostBlock* b : free_blocks_) FreeBlock(b);
+  free_blocks_.clear();
+  absl::MutexLock stage_lock(&stage_mu_);
+  for (HostBlock* b : free_stages_) FreeBlock(b);
+  free_stages_.clear();
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
                                                        std::unique_ptr<Backend> backend) {
@@ -124,6 +123,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
   }
   std::unique_ptr<Engine> engine(new Engine(std::move(options), std::move(backend)));
   engine->element_bytes_ = ComputePoolElementBytes(engine->options_.model, sizes);
+  engine->stage_inputs_ = engine->backend_->PrefersHostBufferInputs();
   return engine;
 }
 
@@ -133,7 +133,105 @@ int32_t Engine::PagesFor(int32_t rows) const {
   return (rows + options_.page_tokens - 1) / options_.page_tokens;
 }
 
+HostBlock* Engine::TakeBlock(size_t bytes) {
+  // The smallest pooled block that fits.
+  size_t best = free_blocks_.size();
+  for (size_t i = 0; i < free_blocks_.size(); ++i) {
+    if (free_blocks_[i]->capacity >= bytes &&
+        (best == free_blocks_.size() || free_blocks_[i]->capacity < free_blocks_[best]->capacity)) {
+      best = i;
+    }
+  }
+  if (best < free_blocks_.size()) {
+    HostBlock* b = free_blocks_[best];
+    free_blocks_[best] = free_blocks_.back();
+    free_blocks_.pop_back();
+    return b;
+  }
+  return NewBlock(bytes);
+}
+
+HostBlock* Engine::NewBlock(size_t bytes) {
+  // Room to grow a little, in whole pages.
+  const size_t capacity = (std::max<size_t>(bytes + bytes / 8, 1) + 4095) / 4096 * 4096;
+  auto b = std::make_unique<HostBlock>();
+  if (capacity <= kPooledBlockBytes) {
+    b->data = static_cast<uint8_t*>(backend_->AllocateHostBuffer(capacity));
+    b->backend_memory = b->data != nullptr;
+  }
+  if (b->data == nullptr) b->data = static_cast<uint8_t*>(std::aligned_alloc(4096, capacity));
+  if (b->data == nullptr) return nullptr;
+  b->capacity = capacity;
+  return b.release();
+}
+
+HostBlock* Engine::TakeInputStage(size_t bytes) {
+  {
+    absl::MutexLock lock(&stage_mu_);
+    for (size_t i = 0; i < free_stages_.size(); ++i) {
+      if (free_stages_[i]->capacity >= bytes) {
+        HostBlock* b = free_stages_[i];
+        free_stages_[i] = free_stages_.back();
+        free_stages_.pop_back();
+        return b;
+      }
+    }
+  }
+  if (bytes > kPooledBlockBytes) return nullptr;  // large prefills are checked in place
+  return NewBlock(bytes);
+}
+
+void Engine::PutInputStage(HostBlock* b) {
+  absl::MutexLock lock(&stage_mu_);
+  if (free_stages_.size() < kPooledBlocks) {
+    free_stages_.push_back(b);
+    return;
+  }
+  auto smallest = std::min_element(
+      free_stages_.begin(), free_stages_.end(),
+      [](const HostBlock* x, const HostBlock* y) { return x->capacity < y->capacity; });
+  if ((*smallest)->capacity < b->capacity) std::swap(*smallest, b);
+  FreeBlock(b);
+}
+
+void Engine::FreeBlock(HostBlock* b) {
+  if (b->backend_memory) {
+    backend_->FreeHostBuffer(b->data);
+  } else {
+    std::free(b->data);
+  }
+  delete b;
+}
+
+void Engine::PutBlock(HostBlock* b) {
+  if (b->refs > 0 && --b->refs > 0) return;
+  if (b->capacity > kPooledBlockBytes) {
+    FreeBlock(b);
+    return;
+  }
+  if (free_blocks_.size() < kPooledBlocks) {
+    free_blocks_.push_back(b);
+    return;
+  }
+  // A full pool keeps its largest blocks.
+  auto smallest = std::min_element(
+      free_blocks_.begin(), free_blocks_.end(),
+      [](const HostBlock* x, const HostBlock* y) { return x->capacity < y->capacity; });
+  if ((*smallest)->capacity < b->capacity) std::swap(*smallest, b);
+  FreeBlock(b);
+}
+
+void Engine::DropReplayOutputs(Sequence* seq) {
+  ReplayEntry& r = seq->replay;
+  if (r.block != nullptr) PutBlock(r.block);
+  r.block = nullptr;
+  r.outputs_kept = false;
+  r.out_offset = 0;
+  r.out_bytes = 0;
+}
+
 void Engine::Release(Sequence* seq) {
+  DropReplayOutputs(seq);
   for (int32_t p : seq->pages) page_pool_.Give(p);
   seq->pages.clear();
   if (seq->state_slot >= 0) state_pool_.Give(seq->state_slot);
@@ -228,7 +326,8 @@ absl::StatusOr<LayerResult> Engine::VerifyDrafts(const LayerCall& call) {
   return RunLayer(call, StepKind::kVerify);
 }
 
-absl::Status Engine::ValidateActivations(const LayerCall& call, int64_t total_tokens) const {
+absl::Status Engine::ValidateActivations(const LayerCall& call, int64_t total_tokens,
+                                         HostBlock** stage, const void* inputs[3]) {
   const DType dtype = call.qkv.dtype;
   if (absl::Status s = CheckTensor("qkv", call.qkv, dtype, total_tokens, options_.model.channels());
       !s.ok()) {
@@ -246,15 +345,27 @@ absl::Status Engine::ValidateActivations(const LayerCall& call, int64_t total_to
       call.out_dtype != DType::kBFloat16) {
     return absl::InvalidArgumentError("output_dtype must be FP32, FP16 or BF16");
   }
-  for (auto [name, t] : {std::pair<const char*, const TensorView*>{"qkv", &call.qkv},
-                         {"a", &call.a},
-                         {"b", &call.b}}) {
-    if (absl::Status s = CheckActivationValues(name, *t); !s.ok()) return s;
+  const TensorView* tensors[3] = {&call.qkv, &call.a, &call.b};
+  const char* names[3] = {"qkv", "a", "b"};
+  size_t at[3] = {0, 0, 0};
+  if (stage_inputs_) {
+    // qkv | a | b at 256-byte aligned offsets (the layout of a CUDA upload).
+    size_t bytes = 0;
+    for (int i = 0; i < 3; ++i) {
+      at[i] = bytes;
+      bytes += (tensors[i]->size_bytes + 255) / 256 * 256;
+    }
+    *stage = TakeInputStage(bytes);
+  }
+  for (int i = 0; i < 3; ++i) {
+    void* copy_to = *stage != nullptr ? (*stage)->data + at[i] : nullptr;
+    if (absl::Status s = CheckActivationValues(names[i], *tensors[i], copy_to); !s.ok()) return s;
+    inputs[i] = copy_to != nullptr ? copy_to : tensors[i]->data;
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<LayerResult> Engine::Replay(const LayerCall& call, std::vector<Sequence*>& seqs) {
+absl::StatusOr<LayerResult> Engine::Replay(const LayerCall& call, std::span<Sequence* const> seqs) {
   const int32_t out_elems = options_.model.out_elems();
   int64_t total = 0;
   for (const auto& s : call.sequences) total += s.num_tokens;
@@ -263,6 +374,7 @@ absl::StatusOr<LayerResult> Engine::Replay(const LayerCall& call, std::vector<Se
   result.out.dtype = call.out_dtype;
   result.out.shape = {total, options_.model.num_v_heads, options_.model.head_v_dim};
   result.out.bytes.resize(static_cast<size_t>(total) * out_elems * DTypeSize(call.out_dtype));
+  result.positions.reserve(seqs.size());
   size_t offset = 0;  // in elements
   for (size_t i = 0; i < seqs.size(); ++i) {
     const ReplayEntry& r = seqs[i]->replay;
@@ -274,9 +386,14 @@ absl::StatusOr<LayerResult> Engine::Replay(const LayerCall& call, std::vector<Se
           " tokens are not kept"));
     }
     const size_t n = static_cast<size_t>(r.num_tokens) * out_elems;
-    for (size_t e = 0; e < n; ++e) {
-      StoreFromFloat(result.out.bytes.data(), call.out_dtype, offset + e,
-                     LoadAsFloat(r.out.data(), r.out_dtype, e));
+    const uint8_t* kept = r.block->data + r.out_offset;
+    if (r.out_dtype == call.out_dtype) {
+      std::memcpy(result.out.bytes.data() + offset * DTypeSize(call.out_dtype), kept, r.out_bytes);
+    } else {
+      for (size_t e = 0; e < n; ++e) {
+        StoreFromFloat(result.out.bytes.data(), call.out_dtype, offset + e,
+                       LoadAsFloat(kept, r.out_dtype, e));
+      }
     }
     offset += n;
     result.positions.push_back(seqs[i]->layers[call.layer].position);
@@ -321,29 +438,44 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
     return absl::InvalidArgumentError(
         absl::StrCat(rpc, ": too many tokens in one call (", total_tokens, ")"));
   }
-  if (absl::Status s = ValidateActivations(call, total_tokens); !s.ok()) return s;
+  HostBlock* stage = nullptr;
+  struct GiveBack {
+    Engine* engine;
+    HostBlock** block;
+    ~GiveBack() {
+      if (*block != nullptr) engine->PutInputStage(*block);
+    }
+  } give_back{this, &stage};
+  const void* inputs[3] = {nullptr, nullptr, nullptr};
+  if (absl::Status s = ValidateActivations(call, total_tokens, &stage, inputs); !s.ok()) return s;
 
   absl::MutexLock lock(&mu_);
-  // Look every sequence up; ids may not repeat within a call.
-  std::vector<Sequence*> seqs(call.sequences.size());
+  const size_t n = call.sequences.size();
+  // Look every sequence up; ids may not repeat within a call (a sequence seen twice carries this
+  // call's stamp).
+  std::vector<Sequence*>& seqs = seqs_;
+  seqs.resize(n);
   {
-    std::set<uint64_t> seen;
-    for (size_t i = 0; i < call.sequences.size(); ++i) {
+    const SequenceTable::TenantIds* tenant = table_.Tenant(call.tenant);
+    const uint64_t stamp = ++visit_stamp_;
+    for (size_t i = 0; i < n; ++i) {
       const uint64_t id = call.sequences[i].id;
-      if (!seen.insert(id).second) {
+      Sequence* s = SequenceTable::Find(tenant, id);
+      if (s != nullptr && s->visit == stamp) {
         return absl::InvalidArgumentError(
             absl::StrCat("sequences[", i, "].id repeats sequence ", id));
       }
-      seqs[i] = table_.Find(call.tenant, id);
-      if (seqs[i] == nullptr) {
+      if (s == nullptr) {
         return absl::NotFoundError(absl::StrCat("sequences[", i, "].id: sequence ", id,
                                                 " is not open"));
       }
+      s->visit = stamp;
+      seqs[i] = s;
     }
   }
   // A retry of the last applied call is answered from the replay record, once for all.
   size_t replays = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     const Sequence& s = *seqs[i];
     const ReplayEntry& r = s.replay;
     const LayerCursor& c = s.layers[call.layer];
@@ -355,12 +487,13 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
                                  : (c.position == st.position + st.num_tokens && c.pending == 0);
     if (same_call && still_after) ++replays;
   }
-  if (replays == seqs.size()) {
-    for (Sequence* s : seqs) s->last_used = now_();
+  if (replays == n) {
+    const absl::Time now = now_();
+    for (Sequence* s : seqs) s->last_used = now;
     return Replay(call, seqs);
   }
   // Positions and pending drafts.
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     const LayerCursor& c = seqs[i]->layers[call.layer];
     const SequenceTokens& st = call.sequences[i];
     if (c.position != st.position) {
@@ -376,12 +509,13 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
   }
   // Plan every item and count what must be allocated.
   items_.clear();
-  items_.resize(seqs.size());
-  std::vector<int32_t> rows_after(seqs.size());
+  items_.resize(n);
+  rows_after_.resize(n);
+  other_rows_.resize(n);
   int32_t new_states = 0;
   int64_t new_pages = 0;
   int32_t token_offset = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     Sequence& s = *seqs[i];
     const LayerCursor& c = s.layers[call.layer];
     StepItem& it = items_[i];
@@ -398,24 +532,26 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
       it.fold_first = c.buffer_rows > 0 || !c.state_valid;
       const int32_t tail = t % options_.flush_interval;
       it.fold_tokens = t - tail;
-      rows_after[i] = tail;
+      rows_after_[i] = tail;
       needs_state = true;
     } else if (c.buffer_rows + t > limit) {
       it.fold_first = true;
-      rows_after[i] = t;
+      rows_after_[i] = t;
       needs_state = true;
     } else {
-      rows_after[i] = c.buffer_rows + t;
+      rows_after_[i] = c.buffer_rows + t;
     }
     if (needs_state) {
       it.state_is_new = !c.state_valid;
       if (s.state_slot < 0) ++new_states;
     }
     // Pages: the sequence's rows on every layer, with this layer's rows after the call.
-    int32_t rows = rows_after[i];
+    int32_t others = 0;
     for (int32_t l = 0; l < m.num_layers; ++l) {
-      if (l != call.layer) rows = std::max(rows, s.layers[l].buffer_rows + s.layers[l].pending);
+      if (l != call.layer) others = std::max(others, s.layers[l].buffer_rows + s.layers[l].pending);
     }
+    other_rows_[i] = others;
+    const int32_t rows = std::max(rows_after_[i], others);
     new_pages += std::max<int64_t>(0, PagesFor(rows) - static_cast<int64_t>(s.pages.size()));
     token_offset += t;
   }
@@ -429,25 +565,30 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
         "buffer page pool is full: ", rpc, " needs ", new_pages, " new pages, ",
         page_pool_.free(), " free of buffer_pages=", options_.buffer_pages));
   }
+  // The outputs land in an output block that the replay records then share.
+  const size_t out_row_bytes = static_cast<size_t>(m.out_elems()) * DTypeSize(call.out_dtype);
+  const size_t out_bytes = static_cast<size_t>(total_tokens) * out_row_bytes;
+  HostBlock* block = TakeBlock(out_bytes);
+  if (block == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(rpc, ": cannot allocate ", out_bytes, " bytes of host memory for outputs"));
+  }
   // Allocate (cannot fail now) and build the step.
-  std::vector<std::pair<Sequence*, int32_t>> fresh_states;
-  std::vector<size_t> pages_before(seqs.size());
+  fresh_states_.clear();
+  pages_before_.resize(n);
   page_table_.clear();
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     Sequence& s = *seqs[i];
     StepItem& it = items_[i];
-    pages_before[i] = s.pages.size();
+    pages_before_[i] = static_cast<int32_t>(s.pages.size());
     if ((it.fold_first || it.chunked) && s.state_slot < 0) {
       s.state_slot = state_pool_.Take();
-      fresh_states.push_back({&s, s.state_slot});
+      fresh_states_.push_back(&s);
     }
     const LayerCursor& c = s.layers[call.layer];
     it.state_slot = (c.state_valid || it.fold_first || it.chunked) ? s.state_slot : -1;
-    int32_t rows = rows_after[i];
-    for (int32_t l = 0; l < m.num_layers; ++l) {
-      if (l != call.layer) rows = std::max(rows, s.layers[l].buffer_rows + s.layers[l].pending);
-    }
-    rows = std::max(rows, c.buffer_rows);  // the old rows stay readable during the call
+    // The old rows stay readable during the call.
+    const int32_t rows = std::max({rows_after_[i], other_rows_[i], c.buffer_rows});
     while (static_cast<int32_t>(s.pages.size()) < PagesFor(rows)) {
       s.pages.push_back(page_pool_.Take());
     }
@@ -455,41 +596,41 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
     it.num_pages = static_cast<int32_t>(s.pages.size());
     page_table_.insert(page_table_.end(), s.pages.begin(), s.pages.end());
   }
-  LayerResult result;
-  result.out.dtype = call.out_dtype;
-  result.out.shape = {total_tokens, m.num_v_heads, m.head_v_dim};
-  result.out.bytes.resize(static_cast<size_t>(total_tokens) * m.out_elems() *
-                          DTypeSize(call.out_dtype));
   LayerStep step;
   step.layer = call.layer;
   step.kind = kind;
   step.items = items_;
   step.page_table = page_table_;
   step.in_dtype = call.qkv.dtype;
-  step.qkv = call.qkv.data;
-  step.a = call.a.data;
-  step.b = call.b.data;
+  step.qkv = inputs[0];
+  step.a = inputs[1];
+  step.b = inputs[2];
   step.total_tokens = static_cast<int32_t>(total_tokens);
   step.out_dtype = call.out_dtype;
-  step.out = result.out.bytes.data();
+  step.out = block->data;
   if (absl::Status s = backend_->RunLayerStep(step); !s.ok()) {
     // Undo the allocations; the call changed no sequence's bookkeeping.
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      while (seqs[i]->pages.size() > pages_before[i]) {
+    for (size_t i = 0; i < n; ++i) {
+      while (static_cast<int32_t>(seqs[i]->pages.size()) > pages_before_[i]) {
         page_pool_.Give(seqs[i]->pages.back());
         seqs[i]->pages.pop_back();
       }
     }
-    for (auto& [seq, slot] : fresh_states) {
-      state_pool_.Give(slot);
+    for (Sequence* seq : fresh_states_) {
+      state_pool_.Give(seq->state_slot);
       seq->state_slot = -1;
     }
+    PutBlock(block);
     return s;
   }
+  LayerResult result;
+  result.out.dtype = call.out_dtype;
+  result.out.shape = {total_tokens, m.num_v_heads, m.head_v_dim};
+  result.out.bytes.assign(reinterpret_cast<const char*>(block->data), out_bytes);
+  result.positions.reserve(n);
   // Commit the bookkeeping.
   const absl::Time now = now_();
-  const size_t out_row_bytes = static_cast<size_t>(m.out_elems()) * DTypeSize(call.out_dtype);
-  for (size_t i = 0; i < seqs.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     Sequence& s = *seqs[i];
     const StepItem& it = items_[i];
     LayerCursor& c = s.layers[call.layer];
@@ -502,10 +643,12 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
       c.pending = it.num_tokens;
       drafts_verified_ += it.num_tokens;
     } else {
-      c.buffer_rows = rows_after[i];
+      c.buffer_rows = rows_after_[i];
       c.position += it.num_tokens;
     }
-    ResizePages(&s, s.RowsNeeded()).IgnoreError();  // only shrinks here
+    // Only shrinks here: the rows needed are this layer's new rows or another layer's.
+    ResizePages(&s, std::max(other_rows_[i], c.buffer_rows + c.pending)).IgnoreError();
+    DropReplayOutputs(&s);
     ReplayEntry& r = s.replay;
     r.valid = true;
     r.kind = kind;
@@ -515,15 +658,15 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
     r.out_dtype = call.out_dtype;
     r.outputs_kept = it.num_tokens <= options_.replay_max_tokens;
     if (r.outputs_kept) {
-      r.out.assign(result.out.bytes.data() + it.token_offset * out_row_bytes,
-                   static_cast<size_t>(it.num_tokens) * out_row_bytes);
-    } else {
-      r.out.clear();
-      r.out.shrink_to_fit();
+      r.block = block;
+      ++block->refs;
+      r.out_offset = static_cast<size_t>(it.token_offset) * out_row_bytes;
+      r.out_bytes = static_cast<size_t>(it.num_tokens) * out_row_bytes;
     }
     s.last_used = now;
     result.positions.push_back(c.position);
   }
+  if (block->refs == 0) PutBlock(block);  // no sequence keeps its outputs
   return result;
 }
 
@@ -531,19 +674,23 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
   absl::MutexLock lock(&mu_);
   if (items.empty()) return absl::InvalidArgumentError("items must not be empty");
   const int32_t num_layers = options_.model.num_layers;
-  std::vector<Sequence*> seqs(items.size());
-  std::vector<bool> replay(items.size(), false);
-  std::set<uint64_t> seen;
+  std::vector<Sequence*>& seqs = seqs_;
+  seqs.resize(items.size());
+  std::vector<uint8_t>& replay = commit_replayed_;  // 1: this commit was applied already
+  replay.assign(items.size(), 0);
+  const SequenceTable::TenantIds* tenant_ids = table_.Tenant(tenant);
+  const uint64_t stamp = ++visit_stamp_;
   for (size_t i = 0; i < items.size(); ++i) {
     const CommitItem& ci = items[i];
-    if (!seen.insert(ci.id).second) {
+    Sequence* s = SequenceTable::Find(tenant_ids, ci.id);
+    if (s != nullptr && s->visit == stamp) {
       return absl::InvalidArgumentError(absl::StrCat("items[", i, "].id repeats sequence ", ci.id));
     }
-    Sequence* s = table_.Find(tenant, ci.id);
     if (s == nullptr) {
       return absl::NotFoundError(absl::StrCat("items[", i, "].id: sequence ", ci.id,
                                               " is not open"));
     }
+    s->visit = stamp;
     if (ci.accepted < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("items[", i, "].accepted must be >= 0, got ", ci.accepted));
@@ -557,7 +704,7 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
     }
     if (none_pending && all_at_after && s->last_commit_position == ci.position &&
         s->last_commit_accepted == ci.accepted) {
-      replay[i] = true;  // this commit was applied already
+      replay[i] = 1;  // this commit was applied already
       continue;
     }
     const int32_t drafts = s->layers[0].pending;
@@ -585,7 +732,8 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
                                                 " drafts pending"));
     }
   }
-  std::vector<ConvCommitItem> conv;
+  std::vector<ConvCommitItem>& conv = conv_items_;
+  conv.clear();
   for (size_t i = 0; i < items.size(); ++i) {
     if (!replay[i]) {
       conv.push_back({seqs[i]->conv_slot, items[i].accepted, seqs[i]->layers[0].pending});
@@ -608,6 +756,7 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
     s.last_commit_position = items[i].position;
     s.last_commit_accepted = items[i].accepted;
     s.replay.valid = false;  // a retried VerifyDrafts after a commit is a position mismatch
+    DropReplayOutputs(&s);
     ResizePages(&s, s.RowsNeeded()).IgnoreError();  // only shrinks here
   }
   return absl::OkStatus();

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -150,11 +151,30 @@ class Engine {
   Engine(EngineOptions options, std::unique_ptr<Backend> backend);
 
   absl::StatusOr<LayerResult> RunLayer(const LayerCall& call, StepKind kind);
-  absl::Status ValidateActivations(const LayerCall& call, int64_t total_tokens) const;
-  absl::StatusOr<LayerResult> Replay(const LayerCall& call, std::vector<Sequence*>& seqs);
+  // Checks the activations' dtypes, shapes and values. When the backend prefers its host memory
+  // for inputs, copies them into a staging block while checking (*stage, to be given back with
+  // PutInputStage); inputs[] receives where the backend should read qkv, a and b.
+  absl::Status ValidateActivations(const LayerCall& call, int64_t total_tokens, HostBlock** stage,
+                                   const void* inputs[3]);
+  absl::StatusOr<LayerResult> Replay(const LayerCall& call, std::span<Sequence* const> seqs);
   absl::Status ResizePages(Sequence* seq, int32_t rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Release(Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int32_t PagesFor(int32_t rows) const;
+  // An output block of at least `bytes` bytes with no references, from the pool or new; nullptr
+  // when memory cannot be had.
+  HostBlock* TakeBlock(size_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops one reference (or, at refs == 0, the taker's claim) of `block`; an unreferenced block
+  // goes back to the pool or is freed.
+  void PutBlock(HostBlock* block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FreeBlock(HostBlock* block);
+  // A new block of at least `bytes` bytes (backend memory when it offers some); nullptr when
+  // memory cannot be had.
+  HostBlock* NewBlock(size_t bytes);
+  // An input staging block of at least `bytes` bytes (nullptr: stage nothing), and its return.
+  HostBlock* TakeInputStage(size_t bytes) ABSL_LOCKS_EXCLUDED(stage_mu_);
+  void PutInputStage(HostBlock* block) ABSL_LOCKS_EXCLUDED(stage_mu_);
+  // Forgets a sequence's replay outputs (one reference of their block).
+  void DropReplayOutputs(Sequence* seq) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   EngineOptions options_;
   std::unique_ptr<Backend> backend_;
@@ -170,6 +190,21 @@ class Engine {
   // Scratch reused across calls (no allocation on the per-step path once warm).
   std::vector<StepItem> items_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> page_table_ ABSL_GUARDED_BY(mu_);
+  std::vector<Sequence*> seqs_ ABSL_GUARDED_BY(mu_);
+  std::vector<int32_t> rows_after_ ABSL_GUARDED_BY(mu_);  // this layer's rows after the call
+  std::vector<int32_t> other_rows_ ABSL_GUARDED_BY(mu_);  // most rows of any other layer
+  std::vector<int32_t> pages_before_ ABSL_GUARDED_BY(mu_);
+  std::vector<Sequence*> fresh_states_ ABSL_GUARDED_BY(mu_);
+  std::vector<ConvCommitItem> conv_items_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint8_t> commit_replayed_ ABSL_GUARDED_BY(mu_);
+  uint64_t visit_stamp_ ABSL_GUARDED_BY(mu_) = 0;  // Sequence::visit of the current call
+  // Unreferenced output blocks kept for reuse (see TakeBlock).
+  std::vector<HostBlock*> free_blocks_ ABSL_GUARDED_BY(mu_);
+  // Input staging (backends that prefer their host memory for activations): one block per call
+  // in flight, taken before mu_ so that checks of concurrent calls still overlap.
+  bool stage_inputs_ = false;
+  absl::Mutex stage_mu_;
+  std::vector<HostBlock*> free_stages_ ABSL_GUARDED_BY(stage_mu_);
   absl::Time (*now_)() = &absl::Now;
 };
 

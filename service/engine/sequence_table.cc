@@ -11,8 +11,12 @@ int32_t Sequence::RowsNeeded() const {
 }
 
 Sequence* SequenceTable::Find(const std::string& tenant, uint64_t id) {
-  auto it = map_.find(Key(tenant, id));
-  return it == map_.end() ? nullptr : it->second.get();
+  return Find(Tenant(tenant), id);
+}
+
+const SequenceTable::TenantIds* SequenceTable::Tenant(const std::string& tenant) const {
+  auto it = index_.find(tenant);
+  return it == index_.end() ? nullptr : &it->second;
 }
 
 Sequence* SequenceTable::Insert(const std::string& tenant, uint64_t id) {
@@ -21,19 +25,20 @@ Sequence* SequenceTable::Insert(const std::string& tenant, uint64_t id) {
   seq->id = id;
   Sequence* raw = seq.get();
   map_.emplace(Key(tenant, id), std::move(seq));
-  ++per_tenant_[tenant];
+  index_[tenant][id] = raw;
   return raw;
 }
 
 void SequenceTable::Erase(const std::string& tenant, uint64_t id) {
   if (map_.erase(Key(tenant, id)) == 0) return;
-  auto it = per_tenant_.find(tenant);
-  if (--it->second == 0) per_tenant_.erase(it);
+  auto it = index_.find(tenant);
+  it->second.erase(id);
+  if (it->second.empty()) index_.erase(it);
 }
 
 int32_t SequenceTable::CountTenant(const std::string& tenant) const {
-  auto it = per_tenant_.find(tenant);
-  return it == per_tenant_.end() ? 0 : it->second;
+  const TenantIds* ids = Tenant(tenant);
+  return ids == nullptr ? 0 : static_cast<int32_t>(ids->size());
 }
 
 }  // namespace kvbuffer

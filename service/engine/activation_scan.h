@@ -1,0 +1,23 @@
+// A fast scan of activation bytes for out-of-range values: a test of exponent bits on whole 64-bit
+// words (no conversions, no branches per element), which compilers vectorise.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/reference/dtype.h"
+
+namespace kvbuffer {
+
+// Returns the index of the first of the `n` elements of `dtype` at `data` whose bits without the
+// sign are >= `limit_bits` (e.g. 0x7f80 for bf16 or 0x7f800000 for fp32: the first NaN or Inf),
+// or `n` when there is none. `data` needs no particular alignment; limit_bits must be at most the
+// sign bit (0x8000 for 16-bit types, 0x80000000 for fp32).
+size_t FindFirstMagnitudeAtLeast(const void* data, size_t n, DType dtype, uint32_t limit_bits);
+
+// FindFirstMagnitudeAtLeast that also copies the elements to `dst` (which must not overlap
+// `src`), reading `src` once: on a hit, the elements from the hit's block on may not be copied.
+size_t CopyAndFindFirstMagnitudeAtLeast(const void* src, void* dst, size_t n, DType dtype,
+                                        uint32_t limit_bits);
+
+}  // namespace kvbuffer

@@ -1,0 +1,75 @@
+#include "service/engine/activation_scan.h"
+
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvbuffer {
+namespace {
+
+// The plain per-element test the scan must agree with.
+size_t Reference(const uint8_t* p, size_t n, DType dtype, uint32_t limit) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t x = 0;
+    if (dtype == DType::kFloat32) {
+      std::memcpy(&x, p + 4 * i, 4);
+      x &= 0x7fffffffu;
+    } else {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      x = h & 0x7fffu;
+    }
+    if (x >= limit) return i;
+  }
+  return n;
+}
+
+TEST(ActivationScanTest, AgreesWithThePerElementTestAtEveryOffsetAndLength) {
+  std::mt19937 rng(7);
+  const struct {
+    DType dtype;
+    uint32_t limit;
+    uint32_t bad;  // a value at the limit
+  } cases[] = {{DType::kBFloat16, 0x7f80, 0xff80},        {DType::kBFloat16, 0x4980, 0x4980},
+               {DType::kFloat16, 0x7c00, 0x7e01},         {DType::kFloat32, 0x7f800000, 0x7fc00000},
+               {DType::kFloat32, 0x49800000, 0xc9800001}, {DType::kBFloat16, 1, 0x8001}};
+  for (const auto& c : cases) {
+    const size_t es = DTypeSize(c.dtype);
+    for (size_t n : {0, 1, 3, 4, 5, 63, 4096, 4097, 8191, 20000}) {
+      for (size_t misalign : {0, 1, 2, 6}) {
+        std::vector<uint8_t> buf(n * es + misalign + 8);
+        uint8_t* p = buf.data() + misalign;
+        // Values just below the limit, with random signs and mantissas.
+        for (size_t i = 0; i < n; ++i) {
+          const uint32_t below = rng() % (c.limit == 0 ? 1 : c.limit);
+          const uint32_t v = below | ((rng() & 1) ? (es == 4 ? 0x80000000u : 0x8000u) : 0u);
+          std::memcpy(p + i * es, &v, es);  // little-endian: the low bytes
+        }
+        EXPECT_EQ(FindFirstMagnitudeAtLeast(p, n, c.dtype, c.limit),
+                  Reference(p, n, c.dtype, c.limit));
+        std::vector<uint8_t> dst(n * es + 8);
+        EXPECT_EQ(
+            CopyAndFindFirstMagnitudeAtLeast(p, dst.data() + misalign % 2, n, c.dtype, c.limit),
+            Reference(p, n, c.dtype, c.limit));
+        EXPECT_EQ(std::memcmp(dst.data() + misalign % 2, p, n * es), 0);
+        for (size_t at : {size_t{0}, n / 2, n > 0 ? n - 1 : 0}) {
+          if (at >= n) continue;
+          std::vector<uint8_t> copy(buf);
+          uint8_t* q = copy.data() + misalign;
+          std::memcpy(q + at * es, &c.bad, es);
+          const size_t want = Reference(q, n, c.dtype, c.limit);
+          ASSERT_EQ(want, at);
+          EXPECT_EQ(FindFirstMagnitudeAtLeast(q, n, c.dtype, c.limit), want)
+              << DTypeName(c.dtype) << " n=" << n << " at=" << at << " misalign=" << misalign;
+          std::vector<uint8_t> dst(n * es);
+          EXPECT_EQ(CopyAndFindFirstMagnitudeAtLeast(q, dst.data(), n, c.dtype, c.limit), want);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvbuffer
