@@ -85,24 +85,61 @@ struct PinnedBuffer {
   }
 };
 
-// Sections of one upload: host bytes appended at 256-byte aligned offsets.
+// True if `p` is page-locked host memory, which copies to and from the device can use directly.
+bool IsPageLocked(const void* p) {
+  cudaPointerAttributes a{};
+  if (p == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeHost;
+}
+
+// Sections of one upload: host bytes appended at 256-byte aligned offsets. Staged parts go
+// through the pinned staging buffer (one copy there, one transfer); direct parts, already in
+// page-locked memory, are transferred from where they are.
 class Upload {
  public:
   template <typename T>
   size_t Add(const T* data, size_t count) {
     return AddBytes(data, count * sizeof(T));
   }
-  size_t AddBytes(const void* data, size_t bytes) {
+  size_t AddBytes(const void* data, size_t bytes, bool direct = false) {
     const size_t at = AlignUp(size_);
-    parts_.push_back({at, data, bytes});
+    parts_.push_back({at, data, bytes, direct});
     size_ = at + bytes;
+    if (!direct) staged_size_ = size_;
     return at;
   }
   size_t size() const { return size_; }
+  // Bytes from the start up to the end of the last staged part.
+  size_t staged_size() const { return staged_size_; }
   void CopyTo(uint8_t* dst) const {
     for (const Part& p : parts_) {
-      if (p.bytes > 0) std::memcpy(dst + p.at, p.data, p.bytes);
+      if (p.bytes > 0 && !p.direct) std::memcpy(dst + p.at, p.data, p.bytes);
     }
+  }
+  // Calls fn(at, src, bytes) for each run of direct parts that are laid out in the source as
+  // they are in the upload (gaps included), so that one transfer covers a run.
+  template <typename F>
+  cudaError_t ForEachDirectRun(F fn) const {
+    size_t run_at = 0, run_end = 0;
+    const uint8_t* run_src = nullptr;
+    for (const Part& p : parts_) {
+      if (!p.direct || p.bytes == 0) continue;
+      const auto* src = static_cast<const uint8_t*>(p.data);
+      if (run_src != nullptr && src == run_src + (p.at - run_at)) {
+        run_end = p.at + p.bytes;
+        continue;
+      }
+      if (run_src != nullptr) {
+        if (cudaError_t e = fn(run_at, run_src, run_end - run_at); e != cudaSuccess) return e;
+      }
+      run_at = p.at;
+      run_end = p.at + p.bytes;
+      run_src = src;
+    }
+    return run_src != nullptr ? fn(run_at, run_src, run_end - run_at) : cudaSuccess;
   }
 
  private:
@@ -110,9 +147,11 @@ class Upload {
     size_t at;
     const void* data;
     size_t bytes;
+    bool direct;
   };
   std::vector<Part> parts_;
   size_t size_ = 0;
+  size_t staged_size_ = 0;
 };
 
 // One launch of the buffered kernel (plus its prep) over slices of items.
@@ -198,6 +237,10 @@ class CudaBackend : public Backend {
   absl::Status ResetConv(std::span<const int32_t> conv_slots) override;
   absl::Status ReadState(int32_t state_slot, int32_t layer, float* out) override;
   BackendMemory Memory() const override;
+  // Page-locked memory: steps transfer activations from it and outputs into it directly.
+  void* AllocateHostBuffer(size_t bytes) override;
+  void FreeHostBuffer(void* p) override;
+  bool PrefersHostBufferInputs() const override { return true; }
 
  private:
   void Free();
@@ -383,6 +426,23 @@ absl::Status CudaBackend::CheckReady(int32_t layer) const {
   return absl::OkStatus();
 }
 
+void* CudaBackend::AllocateHostBuffer(size_t bytes) {
+  if (cudaSetDevice(options_.device) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  void* p = nullptr;
+  if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return p;
+}
+
+void CudaBackend::FreeHostBuffer(void* p) {
+  if (p != nullptr) cudaFreeHost(p);
+}
+
 absl::Status CudaBackend::Send(const Upload& up) {
   if (up.size() == 0) return absl::OkStatus();
   if (upload_pending_) {
@@ -391,11 +451,17 @@ absl::Status CudaBackend::Send(const Upload& up) {
     KVB_CUDA_RETURN(cudaEventSynchronize(upload_done_));
     upload_pending_ = false;
   }
-  KVB_CUDA_RETURN(h_in_.Reserve(up.size()));
   KVB_CUDA_RETURN(d_in_.Reserve(up.size()));
-  up.CopyTo(static_cast<uint8_t*>(h_in_.ptr));
-  KVB_CUDA_RETURN(
-      cudaMemcpyAsync(d_in_.ptr, h_in_.ptr, up.size(), cudaMemcpyHostToDevice, stream_));
+  if (up.staged_size() > 0) {
+    KVB_CUDA_RETURN(h_in_.Reserve(up.staged_size()));
+    up.CopyTo(static_cast<uint8_t*>(h_in_.ptr));
+    KVB_CUDA_RETURN(
+        cudaMemcpyAsync(d_in_.ptr, h_in_.ptr, up.staged_size(), cudaMemcpyHostToDevice, stream_));
+  }
+  KVB_CUDA_RETURN(up.ForEachDirectRun([&](size_t at, const void* src, size_t bytes) {
+    return cudaMemcpyAsync(static_cast<uint8_t*>(d_in_.ptr) + at, src, bytes,
+                           cudaMemcpyHostToDevice, stream_);
+  }));
   KVB_CUDA_RETURN(cudaEventRecord(upload_done_, stream_));
   upload_pending_ = true;
   return absl::OkStatus();
@@ -409,7 +475,14 @@ absl::Status CudaBackend::Finish(const char* what) {
 
 absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   absl::MutexLock lock(&mu_);
-  return StepLocked(step, false);
+  absl::Status s = StepLocked(step, false);
+  if (!s.ok() && stream_ != nullptr) {
+    // Transfers may read the caller's (page-locked) activations or write its outputs until the
+    // stream drains: none may outlive the call.
+    cudaStreamSynchronize(stream_);
+    cudaGetLastError();
+  }
+  return s;
 }
 
 absl::Status CudaBackend::RunLayerStepOnDevice(const LayerStep& step, cudaStream_t user) {
@@ -573,9 +646,13 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   const size_t T = static_cast<size_t>(step.total_tokens);
   const size_t in_es = DTypeSize(step.in_dtype);
   const size_t HV = geo_.HV, ch = geo_.channels;
-  const size_t qkv_at = on_device ? 0 : up.AddBytes(step.qkv, T * ch * in_es);
-  const size_t a_at = on_device ? 0 : up.AddBytes(step.a, T * HV * in_es);
-  const size_t b_at = on_device ? 0 : up.AddBytes(step.b, T * HV * in_es);
+  // Activations in page-locked memory (the engine stages them there) are transferred from where
+  // they are; the caller's memory stays untouched until Finish.
+  const bool direct =
+      !on_device && IsPageLocked(step.qkv) && IsPageLocked(step.a) && IsPageLocked(step.b);
+  const size_t qkv_at = on_device ? 0 : up.AddBytes(step.qkv, T * ch * in_es, direct);
+  const size_t a_at = on_device ? 0 : up.AddBytes(step.a, T * HV * in_es, direct);
+  const size_t b_at = on_device ? 0 : up.AddBytes(step.b, T * HV * in_es, direct);
   if (absl::Status s = Send(up); !s.ok()) return s;
   uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
   auto dptr = [din](size_t at) { return din + at; };
@@ -708,6 +785,11 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   }
 
   if (on_device) return absl::OkStatus();
+  if (IsPageLocked(step.out)) {  // the engine's output buffers are: no bounce copy
+    KVB_CUDA_RETURN(
+        cudaMemcpyAsync(step.out, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
+    return Finish("RunLayerStep");
+  }
   KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
   KVB_CUDA_RETURN(
       cudaMemcpyAsync(h_out_.ptr, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
