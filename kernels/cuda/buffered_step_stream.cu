@@ -81,7 +81,7 @@ __host__ __device__ constexpr int StreamThreads(int TC, int RPT) { return kK * T
 // Blocks per SM the register budget aims at: 64 or 80 registers per thread with 8 state rows,
 // 96 or 128 with 16 (more for drafts); whole-head blocks always two per SM.
 __host__ __device__ constexpr int StreamMinBlocks(int M, int TC, int RPT, bool fold) {
-  const bool light = M == 1;
+  const bool light = true;  // per-token accumulators: drafts need no more registers
   const int regs = RPT == 8 ? (light ? 64 : 80) : (light ? 96 : 128);
   const int b = 65536 / (StreamThreads(TC, RPT) * regs);
   return StreamThreads(TC, RPT) >= 512 ? 2 : (b < 1 ? 1 : b);
@@ -227,84 +227,63 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
     writer = *flag != 0;
   }
 
-  // 4. Partial p = S^T q^, r = S^T k^ over this thread's rows, reduced over the warp's row groups.
-  float4 p[M], r[M];
-#pragma unroll
-  for (int t = 0; t < M; ++t) p[t] = r[t] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // 4. Partial p = S^T q^, r = S^T k^ over this thread's rows, reduced over the warp's row groups;
+  // one token at a time, so drafts cost no registers beyond one token's accumulators.
   if (load_state || fold) {
+#pragma unroll 1
+    for (int t = 0; t < m; ++t) {
+      float4 p = make_float4(0.f, 0.f, 0.f, 0.f), r = p;
 #pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-      const int row = rg + RG * i;
-#pragma unroll
-      for (int t = 0; t < M; ++t) {
-        if (t < m) {
-          Axpy4(p[t], qs[t * kK + row], s[i]);
-          Axpy4(r[t], ks[t * kK + row], s[i]);
-        }
+      for (int i = 0; i < RPT; ++i) {
+        const int row = rg + RG * i;
+        Axpy4(p, qs[t * kK + row], s[i]);
+        Axpy4(r, ks[t * kK + row], s[i]);
       }
-    }
 #pragma unroll
-    for (int t = 0; t < M; ++t) {
-      if (t < m) {
-#pragma unroll
-        for (int off = CG; off < 32; off <<= 1) {
-          const float4 a = Shfl4(p[t], off), b = Shfl4(r[t], off);
-          p[t].x += a.x;
-          p[t].y += a.y;
-          p[t].z += a.z;
-          p[t].w += a.w;
-          r[t].x += b.x;
-          r[t].y += b.y;
-          r[t].z += b.z;
-          r[t].w += b.w;
-        }
-        if (lane < CG) {
-          *reinterpret_cast<float4*>(red + ((warp * M + t) * 2) * TC + 4 * cg) = p[t];
-          *reinterpret_cast<float4*>(red + ((warp * M + t) * 2 + 1) * TC + 4 * cg) = r[t];
-        }
+      for (int off = CG; off < 32; off <<= 1) {
+        const float4 a = Shfl4(p, off), b = Shfl4(r, off);
+        p.x += a.x;
+        p.y += a.y;
+        p.z += a.z;
+        p.w += a.w;
+        r.x += b.x;
+        r.y += b.y;
+        r.z += b.z;
+        r.w += b.w;
+      }
+      if (lane < CG) {
+        *reinterpret_cast<float4*>(red + ((warp * M + t) * 2) * TC + 4 * cg) = p;
+        *reinterpret_cast<float4*>(red + ((warp * M + t) * 2 + 1) * TC + 4 * cg) = r;
       }
     }
   }
 
   // 5. Buffer rows: decayed dot products with each token, accumulated into the tile's columns
-  // (lane -> columns lane, lane + 32, ... of the tile).
+  // (lane -> columns lane, lane + 32, ... of the tile); one token at a time.
   constexpr int CPL = TC / 32;  // columns per lane
-  float cy[M][CPL], co[M][CPL];
+#pragma unroll 1
+  for (int t = 0; t < m; ++t) {
+    float cy[CPL], co[CPL];
 #pragma unroll
-  for (int t = 0; t < M; ++t) {
-#pragma unroll
-    for (int c = 0; c < CPL; ++c) cy[t][c] = co[t][c] = 0.f;
-  }
-  for (int j = warp; j < n_eff; j += NW) {
-    const float4 kj = Load4(krow + j * kK * es, bdt, 4 * lane);
-    const float gj = grow[j];
-    float uj[CPL];
-#pragma unroll
-    for (int c = 0; c < CPL; ++c) uj[c] = LoadElem(urow + j * TC * es, bdt, lane + 32 * c);
-#pragma unroll
-    for (int t = 0; t < M; ++t) {
-      if (t < m) {
-        const float d = expf(Gi[t] - gj);
-        const float a =
-            WarpSum(Dot4(kj, *reinterpret_cast<const float4*>(ks + t * kK + 4 * lane))) * d;
-        const float b =
-            WarpSum(Dot4(kj, *reinterpret_cast<const float4*>(qs + t * kK + 4 * lane))) * d;
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          cy[t][c] = fmaf(a, uj[c], cy[t][c]);
-          co[t][c] = fmaf(b, uj[c], co[t][c]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < M; ++t) {
-    if (t < m) {
+    for (int c = 0; c < CPL; ++c) cy[c] = co[c] = 0.f;
+    const float4 kt = *reinterpret_cast<const float4*>(ks + t * kK + 4 * lane);
+    const float4 qt = *reinterpret_cast<const float4*>(qs + t * kK + 4 * lane);
+    for (int j = warp; j < n_eff; j += NW) {
+      const float4 kj = Load4(krow + j * kK * es, bdt, 4 * lane);
+      const float d = expf(Gi[t] - grow[j]);
+      const float a = WarpSum(Dot4(kj, kt)) * d;
+      const float b = WarpSum(Dot4(kj, qt)) * d;
 #pragma unroll
       for (int c = 0; c < CPL; ++c) {
-        rrd[((warp * M + t) * 2) * TC + lane + 32 * c] = cy[t][c];
-        rrd[((warp * M + t) * 2 + 1) * TC + lane + 32 * c] = co[t][c];
+        const float uj = LoadElem(urow + j * TC * es, bdt, lane + 32 * c);
+        cy[c] = fmaf(a, uj, cy[c]);
+        co[c] = fmaf(b, uj, co[c]);
       }
+    }
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      rrd[((warp * M + t) * 2) * TC + lane + 32 * c] = cy[c];
+      rrd[((warp * M + t) * 2 + 1) * TC + lane + 32 * c] = co[c];
     }
   }
   // Token-token coefficients: warp w takes the pairs (i, l <= i) with (i * M + l) % NW == w.
@@ -450,10 +429,10 @@ cudaError_t LaunchBufferedStepStream(const StepArgs& args, int32_t first, int32_
       break;
   }
   // Best measured shape per case (H100, bench/NOTES.md v7): few items are latency-bound and want
-  // many small blocks; drafts want whole heads (the rows and tokens are staged once per head);
-  // decode and folds want 64 columns with 16 state rows per thread (5 blocks per SM).
-  if (count < 32) return LaunchShape<64, 8>(args, first, count, fold, stream);
-  if (args.max_tokens >= 2) return LaunchShape<128, 16>(args, first, count, fold, stream);
+  // many small blocks, and so do drafts (the per-token passes over the tile are shorter);
+  // otherwise 64 columns with 16 state rows per thread (5 blocks per SM).
+  if (count < 32 || args.max_tokens >= 2)
+    return LaunchShape<64, 8>(args, first, count, fold, stream);
   return LaunchShape<64, 16>(args, first, count, fold, stream);
 }
 
