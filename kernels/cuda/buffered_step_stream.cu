@@ -92,8 +92,9 @@ __host__ __device__ constexpr int StreamMinBlocks(int M, int TC, int RPT, bool f
 template <int M, int TC, int RPT, bool kFold>
 __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC, RPT, kFold))
     StreamKernel(StepArgs A, int32_t first) {
-  // CG lanes cover one row of the tile; thread rows are rg, rg + RG, ..., rg + (RPT - 1) RG.
-  constexpr int NT = StreamThreads(TC, RPT), NW = NT / 32, CG = TC / 4, RG = kK / RPT;
+  // CG lanes cover one row of the tile; thread rows are rg RPT .. rg RPT + RPT - 1 (contiguous, so
+  // the token and k^ values of a thread's rows are float4 loads from shared memory).
+  constexpr int NT = StreamThreads(TC, RPT), NW = NT / 32, CG = TC / 4;
   constexpr int kTiles = kV / TC;
   extern __shared__ __align__(16) uint8_t smem[];
   const Geometry& g = A.g;
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
   for (int i = 0; i < RPT; ++i) {
     s[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     if (load_state) {
-      const float* sp = S + (rg + RG * i) * kV + 4 * cg;
+      const float* sp = S + (rg * RPT + i) * kV + 4 * cg;
       s[i] = A.variant == 9 ? LoadStream256(sp) : __ldcs(reinterpret_cast<const float4*>(sp));
     }
   }
@@ -157,6 +158,7 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
     CpAsync4(Gi + tid, A.prep.G + (tok0 + tid) * g.HV + hv);
     CpAsync4(bi + tid, A.prep.beta + (tok0 + tid) * g.HV + hv);
   }
+  CpAsyncCommit();  // tokens: the state products need only these
   // 3. Buffer rows (to fold, or to combine with): warp w gathers rows w, w + NW, ... (k^ of
   // head h, u of the tile, G).
   const int kchunks = kK * es / 16, uchunks = TC * es / 16;
@@ -179,7 +181,13 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
         RowBlock(A.pools, A.page_table, it.page_offset, g.page_tokens, A.layer, n_eff + i, &slot);
     rnew[i] = blk;
   }
-  CpAsyncWaitAll();
+  // A fold needs the rows first; otherwise the state products start while the rows (one more
+  // dependent hop: descriptor -> page table -> rows) are still arriving.
+  if (kFold) {
+    CpAsyncWaitAll();
+  } else {
+    CpAsyncWaitAllButOne();
+  }
   __syncthreads();
 
   // The old rows are staged: arrive on the (item, key head) counter; the last block of the group
@@ -214,13 +222,17 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
         w.w *= cf;
         const uint8_t* kr = krow + j * kK * es;
 #pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-          Axpy4(s[i], LoadElem(kr, bdt, rg + RG * i), w);
+        for (int i = 0; i < RPT; i += 4) {
+          const float4 kv = Load4(kr, bdt, rg * RPT + i);
+          Axpy4(s[i], kv.x, w);
+          Axpy4(s[i + 1], kv.y, w);
+          Axpy4(s[i + 2], kv.z, w);
+          Axpy4(s[i + 3], kv.w, w);
         }
       }
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        __stcs(reinterpret_cast<float4*>(S + (rg + RG * i) * kV + 4 * cg), s[i]);
+        __stcs(reinterpret_cast<float4*>(S + (rg * RPT + i) * kV + 4 * cg), s[i]);
       }
     }
     __syncthreads();
@@ -234,10 +246,17 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
     for (int t = 0; t < m; ++t) {
       float4 p = make_float4(0.f, 0.f, 0.f, 0.f), r = p;
 #pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const int row = rg + RG * i;
-        Axpy4(p, qs[t * kK + row], s[i]);
-        Axpy4(r, ks[t * kK + row], s[i]);
+      for (int i = 0; i < RPT; i += 4) {
+        const float4 qv = *reinterpret_cast<const float4*>(qs + t * kK + rg * RPT + i);
+        const float4 kv = *reinterpret_cast<const float4*>(ks + t * kK + rg * RPT + i);
+        Axpy4(p, qv.x, s[i]);
+        Axpy4(p, qv.y, s[i + 1]);
+        Axpy4(p, qv.z, s[i + 2]);
+        Axpy4(p, qv.w, s[i + 3]);
+        Axpy4(r, kv.x, s[i]);
+        Axpy4(r, kv.y, s[i + 1]);
+        Axpy4(r, kv.z, s[i + 2]);
+        Axpy4(r, kv.w, s[i + 3]);
       }
 #pragma unroll
       for (int off = CG; off < 32; off <<= 1) {
@@ -256,6 +275,11 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
         *reinterpret_cast<float4*>(red + ((warp * M + t) * 2 + 1) * TC + 4 * cg) = r;
       }
     }
+  }
+
+  if (!kFold) {
+    CpAsyncWaitAll();
+    __syncthreads();
   }
 
   // 5. Buffer rows: decayed dot products with each token, accumulated into the tile's columns
@@ -355,7 +379,7 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
   if (has_state && is_new && !fold) {
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
-      __stcs(reinterpret_cast<float4*>(S + (rg + RG * i) * kV + 4 * cg),
+      __stcs(reinterpret_cast<float4*>(S + (rg * RPT + i) * kV + 4 * cg),
              make_float4(0.f, 0.f, 0.f, 0.f));
     }
   }
