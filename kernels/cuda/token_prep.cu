@@ -158,7 +158,7 @@ __device__ __forceinline__ float Conv4(const float4& w, float h3, float h2, floa
 
 // Chunk-mode prep for conv width 4: each warp walks a contiguous run of tokens with the last three
 // raw rows of its 4 channels per lane in registers (one vector load per token and channel group).
-__global__ void __launch_bounds__(kPrepThreads) ChunkPrepKernel(PrepArgs A) {
+__global__ void __launch_bounds__(kPrepThreads, 8) ChunkPrepKernel(PrepArgs A) {
   const Geometry g = A.g;
   const PrepUnit unit = A.units[blockIdx.x];
   const StepDesc it = A.items[unit.item];
@@ -190,9 +190,14 @@ __global__ void __launch_bounds__(kPrepThreads) ChunkPrepKernel(PrepArgs A) {
       h2 = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, tb - 2, ch);
       h3 = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, tb - 3, ch);
     }
+    // The raw row of token t + 1 is requested before token t is computed.
+    float4 xn = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok && tb < te) xn = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, tb, ch);
     for (int t = tb; t < te; ++t) {
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (ok) x = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t, ch);
+      const float4 x = xn;
+      if (ok && t + 1 < te) {
+        xn = Raw4(g, A.pools, conv_base, A.qkv, A.in_dtype, it.token_offset, t + 1, ch);
+      }
       float4 y;
       y.x = Conv4(w[0], h3.x, h2.x, h1.x, x.x);
       y.y = Conv4(w[1], h3.y, h2.y, h1.y, x.y);
