@@ -99,6 +99,10 @@ class LocalTransport : public TpTransport {
     op.rows = rows;
     return Enqueue(op);
   }
+  absl::Status Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                      size_t rows) override {
+    return CopyOut2D(dst, dst_pitch, src, src_pitch, width, rows);
+  }
   absl::Status Broadcast(void* buf, size_t bytes) override {
     auto body = [&]() -> absl::Status {
       if (rank_ != 0) return Recv(buf, bytes, 0);

@@ -32,20 +32,23 @@ absl::StatusCode NcclCode(ncclResult_t r) {
                                                       : absl::StatusCode::kInternal;
 }
 
-// Backs off from spinning to short sleeps while polling (the first microseconds matter for a
-// decode step; a long wait should not burn a core).
+// Backs off from spinning to sleeps while polling, by time waited: a decode step's transfers
+// and kernels finish within the spinning window, where a sleep would cost its timer slack (tens
+// of microseconds, more than a sleep of 5 us asks for) on every wait; a long wait (an idle worker
+// between commands) should not burn a core.
 class Backoff {
  public:
   void Pause() {
-    if (++n_ < 64) {
+    const absl::Duration waited = absl::Now() - start_;
+    if (waited < absl::Milliseconds(2)) {
       std::this_thread::yield();
     } else {
-      absl::SleepFor(absl::Microseconds(n_ < 1024 ? 5 : 200));
+      absl::SleepFor(absl::Microseconds(waited < absl::Milliseconds(50) ? 20 : 200));
     }
   }
 
  private:
-  int n_ = 0;
+  const absl::Time start_ = absl::Now();
 };
 
 // Waits until a non-blocking communicator leaves ncclInProgress.
@@ -138,6 +141,12 @@ class NcclTransport : public TpTransport {
     return Cuda(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
                                   cudaMemcpyDeviceToHost, stream_),
                 "strided copy out");
+  }
+  absl::Status Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width,
+                      size_t rows) override {
+    return Cuda(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows,
+                                  cudaMemcpyDeviceToDevice, stream_),
+                "strided device copy");
   }
 
   absl::Status Broadcast(void* buf, size_t bytes) override {

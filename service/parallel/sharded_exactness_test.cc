@@ -40,6 +40,7 @@ struct Param {
   DType pool_dtype = DType::kFloat32;  // buffer and conv dtype
   Kind kind = Kind::kSharded;
   size_t command_bytes = 64 << 10;  // TpBackend's command block
+  size_t max_block_bytes = 0;       // how far rank 0 may grow it (0: never, keep the rounds)
 };
 
 // The backend under test over n CPU shards.
@@ -81,6 +82,7 @@ std::unique_ptr<Backend> MakeShardedUnderTest(const Param& p) {
   }
   TpOptions o;
   o.command_bytes = p.command_bytes;
+  o.max_block_bytes = p.max_block_bytes;
   o.heartbeat_interval = absl::Milliseconds(50);
   o.op_timeout = absl::Seconds(30);
   auto b = MakeInProcessTpBackend(std::move(transports), std::move(computes), std::move(o));
@@ -157,7 +159,8 @@ std::string ParamName(const ::testing::TestParamInfo<Param>& info) {
                                        "TpStaged", "TpDevice",          "TpDeviceUnimplemented"};
   const bool tp = p.kind != Kind::kSharded && p.kind != Kind::kShardedConcurrent;
   return std::string(kNames[static_cast<int>(p.kind)]) + "_N" + std::to_string(p.n) + "_" +
-         DTypeName(p.pool_dtype) + (tp ? "_block" + std::to_string(p.command_bytes) : "");
+         DTypeName(p.pool_dtype) + (tp ? "_block" + std::to_string(p.command_bytes) : "") +
+         (p.max_block_bytes > p.command_bytes ? "_grow" + std::to_string(p.max_block_bytes) : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -176,8 +179,84 @@ INSTANTIATE_TEST_SUITE_P(
                       Param{2, DType::kFloat32, Kind::kTpStaged, 1 << 10},
                       Param{2, DType::kFloat32, Kind::kTpDevice, 4 << 10},
                       Param{2, DType::kBFloat16, Kind::kTpDeviceUnimplemented, 4 << 10},
-                      Param{1, DType::kFloat32, Kind::kTpInPlace, 4 << 10}),
+                      Param{1, DType::kFloat32, Kind::kTpInPlace, 4 << 10},
+                      // A block that grows to take the recent steps' inputs inline (and shrinks
+                      // back at heartbeats) from a window too small for them.
+                      Param{2, DType::kFloat32, Kind::kTpDevice, 1 << 10, 1 << 20},
+                      Param{4, DType::kBFloat16, Kind::kTpInPlace, 512, 1 << 20}),
     ParamName);
+
+// TpBackend takes the activations from wherever they are: separate caller buffers, one buffer of
+// its own laid out as the engine stages them (one transfer), or its own memory laid out otherwise;
+// and writes outputs into caller memory or straight into its own. Every placement equals one CPU
+// backend bit for bit, outputs and state.
+TEST(TpBackendPlacementTest, ActivationsAndOutputsFromAnyPlacementMatchOneBackend) {
+  const EngineOptions o = testing::TwinOptions(DType::kFloat32);
+  const ModelConfig& m = o.model;
+  PoolSizes sizes;
+  sizes.state_slots = 2;
+  sizes.buffer_pages = 8;
+  sizes.page_tokens = o.page_tokens;
+  sizes.conv_slots = 2;
+  sizes.max_drafts = o.max_drafts;
+  const std::vector<LayerParams> params = MakeAllLayerParams(m);
+  std::unique_ptr<Backend> ref = MakeCpuBackend();
+  std::unique_ptr<Backend> tp = MakeShardedUnderTest(Param{2, DType::kFloat32, Kind::kTpInPlace});
+  ASSERT_NE(tp, nullptr);
+  ASSERT_TRUE(ref->Allocate(m, params, sizes).ok());
+  ASSERT_TRUE(tp->Allocate(m, params, sizes).ok());
+  const std::vector<int32_t> slots = {0};
+  ASSERT_TRUE(ref->ResetConv(slots).ok());
+  ASSERT_TRUE(tp->ResetConv(slots).ok());
+
+  constexpr int32_t kTokens = 3;  // one prefill item, kept in the buffer
+  const size_t qkv_bytes = size_t{kTokens} * m.channels() * sizeof(float);
+  const size_t ab_bytes = size_t{kTokens} * m.num_v_heads * sizeof(float);
+  const size_t out_bytes = size_t{kTokens} * m.out_elems() * sizeof(float);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  const std::vector<int32_t> pages = {0, 1};
+  for (int placement = 0; placement < 3; ++placement) {
+    SCOPED_TRACE(placement);
+    std::vector<float> x(qkv_bytes / 4 + 2 * ab_bytes / 4);
+    for (float& v : x) v = nd(rng);
+    // 0: caller memory; 1: the backend's memory as the engine stages it; 2: the backend's memory,
+    // a and b swapped and out in the same buffer.
+    const size_t a_at = (qkv_bytes + 255) / 256 * 256, b_at = a_at + (ab_bytes + 255) / 256 * 256;
+    uint8_t* own =
+        placement == 0
+            ? nullptr
+            : static_cast<uint8_t*>(tp->AllocateHostBuffer(b_at + ab_bytes + 256 + out_bytes));
+    std::vector<uint8_t> caller(b_at + ab_bytes), caller_out(out_bytes);
+    uint8_t* base = own != nullptr ? own : caller.data();
+    const size_t qkv_at = 0, at_a = placement == 2 ? b_at : a_at,
+                 at_b = placement == 2 ? a_at : b_at;
+    std::memcpy(base + qkv_at, x.data(), qkv_bytes);
+    std::memcpy(base + at_a, x.data() + qkv_bytes / 4, ab_bytes);
+    std::memcpy(base + at_b, x.data() + (qkv_bytes + ab_bytes) / 4, ab_bytes);
+    StepItem item;
+    item.num_tokens = kTokens;
+    item.buffer_rows = 0;
+    item.conv_slot = 0;
+    item.num_pages = 2;
+    LayerStep step;
+    step.layer = placement % m.num_layers;
+    step.kind = StepKind::kPrefill;
+    step.items = std::span<const StepItem>(&item, 1);
+    step.page_table = pages;
+    step.qkv = base + qkv_at;
+    step.a = base + at_a;
+    step.b = base + at_b;
+    step.total_tokens = kTokens;
+    std::vector<uint8_t> want(out_bytes);
+    step.out = want.data();
+    ASSERT_TRUE(ref->RunLayerStep(step).ok());
+    step.out = placement == 2 ? own + b_at + ab_bytes + 256 : caller_out.data();
+    ASSERT_TRUE(tp->RunLayerStep(step).ok());
+    EXPECT_EQ(std::memcmp(step.out, want.data(), out_bytes), 0);
+    if (own != nullptr) tp->FreeHostBuffer(own);
+  }
+}
 
 }  // namespace
 }  // namespace kvbuffer::parallel

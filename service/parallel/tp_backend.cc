@@ -1,6 +1,7 @@
 #include "service/parallel/tp_backend.h"
 
 #include <cstring>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -14,8 +15,54 @@ bool ValidDType(DType t) {
 }
 
 void NoMeta(void*) {}
-void NoInputs(int32_t, void*) {}
+absl::Status NoInputs(int32_t, void*) { return absl::OkStatus(); }
 absl::Status NoOutputs(const uint8_t*, size_t) { return absl::OkStatus(); }
+
+// Where a step's activations sit in raw_dev_ (as the engine stages them: qkv | a | b at
+// kTpAlign-aligned offsets).
+struct RawLayout {
+  size_t qkv_bytes = 0, ab_bytes = 0, a = 0, b = 0, total = 0;
+};
+
+RawLayout ComputeRawLayout(const ModelConfig& config, int64_t tokens, size_t es) {
+  RawLayout l;
+  l.qkv_bytes = static_cast<size_t>(tokens) * config.channels() * es;
+  l.ab_bytes = static_cast<size_t>(tokens) * config.num_v_heads * es;
+  l.a = TpAlign(l.qkv_bytes);
+  l.b = l.a + TpAlign(l.ab_bytes);
+  l.total = l.b + TpAlign(l.ab_bytes);
+  return l;
+}
+
+// Enqueues the strided copies that cut `shard`'s activations (its qkv channel runs, its value
+// heads of a and b) out of the full ones in transport memory into `dst` laid out as `layout`:
+// what SliceActivations does on the host.
+absl::Status SliceInTransport(TpTransport& t, const ModelConfig& config, const HeadShard& shard,
+                              size_t es, int64_t tokens, const uint8_t* raw, const RawLayout& raw_l,
+                              uint8_t* dst, const StepInputLayout& layout) {
+  const size_t rows = static_cast<size_t>(tokens);
+  const auto runs = ShardChannelRuns(config, shard);
+  const size_t full_row = static_cast<size_t>(config.channels()) * es;
+  const size_t shard_row = static_cast<size_t>(runs[2].dst + runs[2].len) * es;
+  for (const ChannelRun& run : runs) {
+    if (run.len == 0) continue;
+    if (absl::Status s = t.Copy2D(dst + layout.qkv + run.dst * es, shard_row, raw + run.src * es,
+                                  full_row, static_cast<size_t>(run.len) * es, rows);
+        !s.ok()) {
+      return s;
+    }
+  }
+  const size_t full_heads = static_cast<size_t>(config.num_v_heads) * es;
+  const size_t shard_heads = static_cast<size_t>(shard.num_v_heads) * es;
+  const size_t first = static_cast<size_t>(shard.v_head_begin) * es;
+  if (absl::Status s = t.Copy2D(dst + layout.a, shard_heads, raw + raw_l.a + first, full_heads,
+                                shard_heads, rows);
+      !s.ok()) {
+    return s;
+  }
+  return t.Copy2D(dst + layout.b, shard_heads, raw + raw_l.b + first, full_heads, shard_heads,
+                  rows);
+}
 
 }  // namespace
 
@@ -46,6 +93,7 @@ TpBackend::TpBackend(std::unique_ptr<TpTransport> transport, std::unique_ptr<Sha
       transport_(std::move(transport)),
       compute_(std::move(compute)),
       exec_(transport_.get(), compute_.get(), &options_),
+      block_bytes_(options_.command_bytes),
       last_command_(absl::Now()),
       rank_memory_(world_),
       statuses_(world_),
@@ -136,14 +184,15 @@ absl::Status TpBackend::Command(CommandHeader& h, MetaWriter write_meta, InputWr
                                 LocalRunner run_local, OutputReader read_outputs) {
   if (!health_.ok()) return health_;
   TpTransport& t = *transport_;
-  const size_t B = options_.command_bytes;
+  const size_t window = options_.command_bytes;  // the block's part every rank reads on its host
+  const size_t B = block_bytes_;                 // this command's block, agreed in advance
   const size_t mb = static_cast<size_t>(h.meta_bytes);
   const size_t ib = static_cast<size_t>(h.input_bytes);
   const size_t world = static_cast<size_t>(world_);
   const bool shutdown = static_cast<TpOp>(h.op) == TpOp::kShutdown;
   h.magic = kTpMagic;
   h.layout = kTpLayout;
-  h.meta_inline = BlockBytesWithMeta(h) <= B ? 1 : 0;
+  h.meta_inline = BlockBytesWithMeta(h) <= window ? 1 : 0;
   h.inputs_inline = h.meta_inline && ib > 0 && BlockBytesWithInputs(h, world_) <= B ? 1 : 0;
   const bool meta_round = !h.meta_inline;
   const bool input_round = ib > 0 && !h.inputs_inline;
@@ -151,22 +200,22 @@ absl::Status TpBackend::Command(CommandHeader& h, MetaWriter write_meta, InputWr
 
   // Everything this command needs, before anything is sent: a refusal here changes nothing.
   absl::StatusOr<void*> block_dev = block_dev_.Reserve(t, B);
-  absl::StatusOr<void*> block_host = block_host_.Reserve(t, B);
+  absl::StatusOr<void*> block_host = block_host_.Reserve(t, window);
   absl::StatusOr<void*> meta_dev = meta_round ? meta_dev_.Reserve(t, mb) : nullptr;
   absl::StatusOr<void*> meta_host = meta_round ? meta_host_.Reserve(t, mb) : nullptr;
   absl::StatusOr<void*> in_dev = input_round ? in_dev_.Reserve(t, world * ib) : nullptr;
-  absl::StatusOr<void*> in_host = input_round ? in_host_.Reserve(t, world * ib) : nullptr;
   absl::StatusOr<void*> gather = shutdown ? nullptr : gather_dev_.Reserve(t, world * slot);
   absl::StatusOr<void*> status_host =
       shutdown ? nullptr : status_host_.Reserve(t, world * sizeof(RankStatus));
   for (const absl::StatusOr<void*>* r :
-       {&block_dev, &block_host, &meta_dev, &meta_host, &in_dev, &in_host, &gather, &status_host}) {
+       {&block_dev, &block_host, &meta_dev, &meta_host, &in_dev, &gather, &status_host}) {
     if (!r->ok()) return r->status();
   }
   h.sequence = ++sequence_;
+  h.next_block_bytes = static_cast<int64_t>(NextBlockBytes(h));
   last_command_ = absl::Now();
 
-  // Host side of rounds A and B.
+  // Host side of rounds A and B: the header and the metadata.
   uint8_t* block = static_cast<uint8_t*>(*block_host);
   std::memcpy(block, &h, sizeof(h));
   size_t used = sizeof(h);
@@ -178,19 +227,18 @@ absl::Status TpBackend::Command(CommandHeader& h, MetaWriter write_meta, InputWr
       write_meta(*meta_host);
     }
   }
-  if (ib > 0) {
-    for (int32_t r = 0; r < world_; ++r) {
-      write_inputs(r, h.inputs_inline ? block + InlineInputOffset(h, r)
-                                      : static_cast<uint8_t*>(*in_host) + r * ib);
-    }
-    if (h.inputs_inline) used = BlockBytesWithInputs(h, world_);
-  }
 
-  // Rounds A and B.
+  // Rounds A and B. Each rank's inputs are placed in transport memory (in the block when inline)
+  // before the block goes out.
   absl::Status s = t.CopyIn(*block_dev, block, used);
+  for (int32_t r = 0; s.ok() && ib > 0 && r < world_; ++r) {
+    s = write_inputs(r, h.inputs_inline
+                            ? static_cast<uint8_t*>(*block_dev) + InlineInputOffset(h, r)
+                            : static_cast<uint8_t*>(*in_dev) + r * ib);
+  }
   if (s.ok()) s = t.Broadcast(*block_dev, B);
+  if (s.ok()) block_bytes_ = static_cast<size_t>(h.next_block_bytes);  // every rank switches
   if (s.ok() && meta_round) s = t.CopyIn(*meta_dev, *meta_host, mb);
-  if (s.ok() && input_round) s = t.CopyIn(*in_dev, *in_host, world * ib);
   if (s.ok() && (meta_round || input_round)) {
     // Point-to-point only inside the group (the metadata goes to each rank before its inputs,
     // in the order the ranks post their receives).
@@ -272,6 +320,26 @@ absl::Status TpBackend::Command(CommandHeader& h, MetaWriter write_meta, InputWr
                    " failed where others succeeded: ", statuses_[bad].message(), ")")));
 }
 
+size_t TpBackend::NextBlockBytes(const CommandHeader& h) {
+  const size_t window = options_.command_bytes;
+  const TpOp op = static_cast<TpOp>(h.op);
+  if (op == TpOp::kNoop) recent_needs_.fill(0);  // idle: forget the steps
+  // Commands come in runs (a step per layer, then a commit or fold per layer): after anything but
+  // a step, the next command is most likely not a step and needs no large block.
+  if (op != TpOp::kStep) return window;
+  if (h.input_bytes > 0) {
+    const size_t need = BlockBytesWithInputs(h, world_);
+    recent_needs_[recent_next_++ % recent_needs_.size()] =
+        need <= options_.max_block_bytes ? need : 0;  // too large: round B
+  }
+  size_t want = window;
+  for (size_t need : recent_needs_) want = std::max(want, need);
+  if (want == window) return window;
+  // Whole 64 KiB steps keep the size steady when batches vary a little.
+  const size_t cap = std::max(window, options_.max_block_bytes);
+  return std::min(cap, (want + (size_t{64} << 10) - 1) / (size_t{64} << 10) * (size_t{64} << 10));
+}
+
 absl::Status TpBackend::Allocate(const ModelConfig& config, const std::vector<LayerParams>& params,
                                  const PoolSizes& sizes) {
   absl::MutexLock lock(&mu_);
@@ -302,10 +370,15 @@ absl::Status TpBackend::Allocate(const ModelConfig& config, const std::vector<La
   PutModel(config, sizes, &h);
   h.input_bytes = static_cast<int64_t>(ParamBytes(shard_config_));
   allocated_ = false;
+  const size_t ib = static_cast<size_t>(h.input_bytes);
+  absl::StatusOr<void*> params_host = in_host_.Reserve(*transport_, world_ * ib);
+  if (!params_host.ok()) return params_host.status();
   absl::Status s = Command(
       h, NoMeta,
       [&](int32_t r, void* dst) {
-        PackParams(shard_config_, ShardAllLayerParams(config, shards_[r], params), dst);
+        uint8_t* host = static_cast<uint8_t*>(*params_host) + r * ib;
+        PackParams(shard_config_, ShardAllLayerParams(config, shards_[r], params), host);
+        return transport_->CopyIn(dst, host, ib);
       },
       [&](const void*, void*) {
         return exec_.Allocate(config, ShardAllLayerParams(config, shards_[0], params), sizes);
@@ -349,19 +422,45 @@ absl::Status TpBackend::RunLayerStep(const LayerStep& step) {
 
   const size_t shard_row = static_cast<size_t>(shard_config_.out_elems()) * out_es;
   const size_t full_row = static_cast<size_t>(config_.out_elems()) * out_es;
-  void* out_host = nullptr;
+  const size_t out_bytes = static_cast<size_t>(T) * full_row;
+  // Outputs are gathered straight into the engine's buffer when it is ours (page-locked).
+  const bool direct_out = has_tokens && IsHostBuffer(step.out, out_bytes);
+  void* out_host = direct_out ? step.out : nullptr;
+  const RawLayout raw_l = ComputeRawLayout(config_, T, in_es);
+  uint8_t* raw = nullptr;
   if (has_tokens) {
-    absl::StatusOr<void*> o = out_host_.Reserve(*transport_, static_cast<size_t>(T) * full_row);
-    if (!o.ok()) return o.status();
-    out_host = *o;
+    if (!direct_out) {
+      absl::StatusOr<void*> o = out_host_.Reserve(*transport_, out_bytes);
+      if (!o.ok()) return o.status();
+      out_host = *o;
+    }
+    absl::StatusOr<void*> r = raw_dev_.Reserve(*transport_, raw_l.total);
+    if (!r.ok()) return r.status();
+    raw = static_cast<uint8_t*>(*r);
   }
   const MetaView meta{step.items, {}, {}, step.page_table};
   absl::Status s = Command(
       h, [&](void* dst) { PackStepMeta(step.items, step.page_table, dst); },
-      [&](int32_t r, void* dst) {
-        uint8_t* d = static_cast<uint8_t*>(dst);
-        SliceActivations(config_, shards_[r], in_es, T, step.qkv, step.a, step.b, d + layout.qkv,
-                         d + layout.a, d + layout.b);
+      [&](int32_t r, void* dst) -> absl::Status {
+        if (r == 0) {
+          // The activations go to transport memory once, as they are: one transfer when the
+          // engine staged them as qkv | a | b at this layout's offsets.
+          const auto* qkv = static_cast<const uint8_t*>(step.qkv);
+          if (step.a == qkv + raw_l.a && step.b == qkv + raw_l.b) {
+            if (absl::Status c = transport_->CopyIn(raw, qkv, raw_l.b + raw_l.ab_bytes); !c.ok()) {
+              return c;
+            }
+          } else {
+            for (const auto& [at, src, bytes] :
+                 {std::tuple<size_t, const void*, size_t>{0, step.qkv, raw_l.qkv_bytes},
+                  {raw_l.a, step.a, raw_l.ab_bytes},
+                  {raw_l.b, step.b, raw_l.ab_bytes}}) {
+              if (absl::Status c = transport_->CopyIn(raw + at, src, bytes); !c.ok()) return c;
+            }
+          }
+        }
+        return SliceInTransport(*transport_, config_, shards_[r], in_es, T, raw, raw_l,
+                                static_cast<uint8_t*>(dst), layout);
       },
       [&](const void* inputs, void* payload) { return exec_.RunLocal(h, meta, inputs, payload); },
       [&](const uint8_t* gather, size_t slot) -> absl::Status {
@@ -376,7 +475,7 @@ absl::Status TpBackend::RunLayerStep(const LayerStep& step) {
         return absl::OkStatus();
       });
   if (!s.ok()) return s;
-  if (has_tokens) std::memcpy(step.out, out_host, static_cast<size_t>(T) * full_row);
+  if (has_tokens && !direct_out) std::memcpy(step.out, out_host, out_bytes);
   return absl::OkStatus();
 }
 
@@ -458,6 +557,44 @@ absl::Status TpBackend::ReadState(int32_t state_slot, int32_t layer, float* out)
   // Shard r's [HV/N][K][V] is block r of [HV][K][V].
   std::memcpy(out, *host, world_ * shard_bytes);
   return absl::OkStatus();
+}
+
+void* TpBackend::AllocateHostBuffer(size_t bytes) {
+  void* p = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    p = transport_->AllocateHost(bytes);
+  }
+  if (p != nullptr) {
+    absl::MutexLock lock(&host_mu_);
+    host_buffers_.push_back({static_cast<const uint8_t*>(p), bytes});
+  }
+  return p;
+}
+
+void TpBackend::FreeHostBuffer(void* p) {
+  if (p == nullptr) return;
+  {
+    absl::MutexLock lock(&host_mu_);
+    for (size_t i = 0; i < host_buffers_.size(); ++i) {
+      if (host_buffers_[i].first == p) {
+        host_buffers_[i] = host_buffers_.back();
+        host_buffers_.pop_back();
+        break;
+      }
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  transport_->FreeHost(p);
+}
+
+bool TpBackend::IsHostBuffer(const void* p, size_t bytes) const {
+  const auto* q = static_cast<const uint8_t*>(p);
+  absl::MutexLock lock(&host_mu_);
+  for (const auto& [data, size] : host_buffers_) {
+    if (q >= data && q + bytes <= data + size) return true;
+  }
+  return false;
 }
 
 BackendMemory TpBackend::Memory() const {

@@ -1,7 +1,7 @@
 // TpBackend: the Backend of rank 0 of a tensor-parallel group. The engine drives it like any
 // backend; each call becomes one command of the protocol (tp_protocol.h): the activations are
-// sliced per head shard on the host, moved once into transport memory and scattered to the
-// ranks, every rank runs its shard, and the outputs come back to rank 0 in head order. Rank 0
+// moved once into transport memory, sliced per head shard there and scattered to the ranks,
+// every rank runs its shard, and the outputs come back to rank 0 in head order. Rank 0
 // computes shard 0 itself. The other ranks run RunTpWorker: on threads owned by this backend
 // (MakeInProcessTpBackend: one process driving N GPUs) or in other processes (one per GPU).
 //
@@ -11,11 +11,13 @@
 // options.on_broken is called once. An idle group sends heartbeats so a dead rank is noticed.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
@@ -74,6 +76,17 @@ class TpBackend : public Backend {
   // waits for a command in flight.
   BackendMemory Memory() const override;
 
+  // Host memory of the transport (page-locked under NCCL): steps transfer activations out of it
+  // and gather outputs into it without a bounce copy.
+  void* AllocateHostBuffer(size_t bytes) override;
+
+  // Frees memory from AllocateHostBuffer.
+  void FreeHostBuffer(void* p) override;
+
+  // True: the activations go to rank 0's device in one transfer from the engine's staging and
+  // are sliced per rank there.
+  bool PrefersHostBufferInputs() const override { return true; }
+
   // OK while the group works; the status that broke it afterwards. Never waits for a command in
   // flight (health checks stay responsive while a rank hangs).
   absl::Status Health() const;
@@ -102,8 +115,9 @@ class TpBackend : public Backend {
 
   // Writes the metadata into `dst` (h.meta_bytes bytes).
   using MetaWriter = absl::FunctionRef<void(void* dst)>;
-  // Writes rank r's inputs into `dst` (h.input_bytes bytes).
-  using InputWriter = absl::FunctionRef<void(int32_t r, void* dst)>;
+  // Enqueues the transfers that fill rank r's inputs at `dst` (transport memory, h.input_bytes
+  // bytes).
+  using InputWriter = absl::FunctionRef<absl::Status(int32_t r, void* dst)>;
   // Runs shard 0's part with its inputs and output payload in transport memory.
   using LocalRunner = absl::FunctionRef<absl::Status(const void* inputs, void* payload)>;
   // Enqueues the copies of the gathered payloads out of the gather buffer (slot bytes per rank).
@@ -115,10 +129,15 @@ class TpBackend : public Backend {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A command with no metadata, inputs or outputs (heartbeat, shutdown).
   absl::Status Bare(TpOp op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The block size to announce in `h` for the next command: after a step, large enough for the
+  // inputs of the recent steps to go inline (up to max_block_bytes); else command_bytes.
+  size_t NextBlockBytes(const CommandHeader& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Break(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckUsable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HeartbeatLoop();
   void StartHeartbeat();
+  // True if [p, p + bytes) lies in one buffer from AllocateHostBuffer.
+  bool IsHostBuffer(const void* p, size_t bytes) const;
 
   const TpOptions options_;
   const int32_t world_;
@@ -132,16 +151,24 @@ class TpBackend : public Backend {
   std::vector<HeadShard> shards_ ABSL_GUARDED_BY(mu_);
   ModelConfig shard_config_ ABSL_GUARDED_BY(mu_);
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t block_bytes_ ABSL_GUARDED_BY(mu_);  // the next command's block (round A broadcast)
+  std::array<size_t, 4> recent_needs_ ABSL_GUARDED_BY(mu_) = {};  // block bytes of recent steps
+  size_t recent_next_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Time last_command_ ABSL_GUARDED_BY(mu_);
   // What Health() and Memory() read without waiting for mu_.
   mutable absl::Mutex stats_mu_ ABSL_ACQUIRED_AFTER(mu_);
   absl::Status published_health_ ABSL_GUARDED_BY(stats_mu_);
   std::vector<BackendMemory> rank_memory_ ABSL_GUARDED_BY(stats_mu_);
   std::vector<absl::Status> statuses_ ABSL_GUARDED_BY(mu_);
-  // Transport memory and its host staging, grown between commands.
-  TransportBuffer block_dev_, meta_dev_, in_dev_, gather_dev_;
+  // Transport memory and its host staging, grown between commands. raw_dev_ holds a step's
+  // activations as the engine sent them, before they are sliced per rank into in_dev_ or the
+  // command block.
+  TransportBuffer block_dev_, meta_dev_, in_dev_, gather_dev_, raw_dev_;
   TransportBuffer block_host_{true}, meta_host_{true}, in_host_{true}, status_host_{true},
       out_host_{true};
+  // Buffers handed out by AllocateHostBuffer.
+  mutable absl::Mutex host_mu_ ABSL_ACQUIRED_AFTER(mu_);
+  std::vector<std::pair<const uint8_t*, size_t>> host_buffers_ ABSL_GUARDED_BY(host_mu_);
   // Heartbeat thread.
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread heartbeat_;

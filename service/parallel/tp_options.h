@@ -11,9 +11,13 @@
 namespace kvbuffer::parallel {
 
 struct TpOptions {
-  // Bytes of the fixed command block broadcast first (header + metadata + small inputs inline).
-  // Every rank must use the same value.
+  // Bytes of the command block broadcast first (header + metadata + small inputs inline) and of
+  // its part every rank copies to its host. Every rank must use the same value.
   size_t command_bytes = 64 << 10;
+  // Rank 0 grows the command block up to this size so that the inputs of the steps it sends fit
+  // inline (no separate round for them); it returns to command_bytes when idle. At most
+  // command_bytes: the block never grows. Only rank 0 reads it.
+  size_t max_block_bytes = 16 << 20;
   // Longest a command's rounds may take on any rank before the group is declared broken.
   absl::Duration op_timeout = absl::Seconds(60);
   // Rank 0 sends a heartbeat (kNoop) after this long without a command (0: never); it also

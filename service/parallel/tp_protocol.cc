@@ -130,7 +130,8 @@ absl::Status CheckHeader(const CommandHeader& h) {
                                             h.layout, " vs ", kTpLayout, ")"));
   }
   if (h.op > static_cast<uint32_t>(TpOp::kShutdown) || h.meta_bytes < 0 || h.input_bytes < 0 ||
-      h.output_bytes < 0 || h.num_items < 0 || h.page_table_len < 0) {
+      h.output_bytes < 0 || h.num_items < 0 || h.page_table_len < 0 || h.next_block_bytes < 0 ||
+      h.next_block_bytes > kMaxTpBlockBytes) {
     return absl::InternalError(absl::StrCat("malformed tensor-parallel command (op ", h.op, ")"));
   }
   return absl::OkStatus();

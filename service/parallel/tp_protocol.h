@@ -1,9 +1,12 @@
 // The wire format between the ranks of a tensor-parallel group (same binary on every rank).
 //
 // Every command is, in rounds over the transport:
-//   A. broadcast of a fixed-size command block: CommandHeader, then the metadata (step items and
-//      page table, fold items, conv items or conv slots) when it fits, then every rank's inputs
-//      when those fit too ("inline": one round for small calls);
+//   A. broadcast of a command block: CommandHeader, then the metadata (step items and page table,
+//      fold items, conv items or conv slots) when it fits the first TpOptions::command_bytes (the
+//      part every rank copies to its host), then every rank's inputs when those fit the block too
+//      ("inline": one round for the call). The block's size is agreed in advance: command_bytes
+//      at first, then what the previous command's header announced (next_block_bytes), so that
+//      rank 0 can size it for the steps it is sending (a decode step's inputs inline);
 //   B. (when not inline) one group of point-to-point transfers from rank 0: the metadata to
 //      every rank, then each rank's inputs: its activation slice, or its parameter slice for
 //      kAllocate;
@@ -67,13 +70,14 @@ struct CommandHeader {
   int64_t meta_bytes = 0;    // items then page table, unpadded
   int64_t input_bytes = 0;   // per rank, padded (0: none)
   int64_t output_bytes = 0;  // per rank payload after its RankStatus, padded (0: none)
+  int64_t next_block_bytes = 0;  // size of the next command's block (round A broadcast)
   // kAllocate: the full model (each rank derives its shard) and the pool sizes.
   int32_t model[8] = {};  // L, H, HV, K, V, W
   uint64_t param_seed = 0;
   char model_name[32] = {};
   int32_t pools[8] = {};  // state_slots, buffer_pages, page_tokens, conv_slots, max_drafts,
                           // buffer_dtype, conv_dtype
-  uint8_t padding[64] = {};
+  uint8_t padding[56] = {};
 };
 static_assert(sizeof(CommandHeader) == 256, "CommandHeader is part of the wire format");
 
@@ -92,7 +96,10 @@ static_assert(sizeof(RankStatus) == 256, "RankStatus is part of the wire format"
 inline constexpr uint32_t kTpMagic = 0x5054564bu;  // "KVTP"
 // Changes whenever a wire struct changes, so that ranks of different builds refuse each other.
 inline constexpr uint32_t kTpLayout =
-    (1u << 24) | (sizeof(StepItem) << 16) | (sizeof(FoldItem) << 8) | sizeof(ConvCommitItem);
+    (2u << 24) | (sizeof(StepItem) << 16) | (sizeof(FoldItem) << 8) | sizeof(ConvCommitItem);
+
+// Largest command block a header may announce (a rank refuses a larger one as malformed).
+inline constexpr int64_t kMaxTpBlockBytes = int64_t{1} << 30;
 
 // Where a step's inputs live inside one rank's input region (byte offsets; total is padded).
 struct StepInputLayout {

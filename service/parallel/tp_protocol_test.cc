@@ -125,6 +125,10 @@ TEST(TpProtocolTest, HeaderChecks) {
   EXPECT_NE(CheckHeader(h).message().find("different builds"), std::string::npos);
   h.layout = kTpLayout;
   EXPECT_TRUE(CheckHeader(h).ok());
+  h.next_block_bytes = kMaxTpBlockBytes + 1;
+  EXPECT_FALSE(CheckHeader(h).ok());
+  h.next_block_bytes = 64 << 10;
+  EXPECT_TRUE(CheckHeader(h).ok());
   h.op = 99;
   EXPECT_FALSE(CheckHeader(h).ok());
 }

@@ -49,6 +49,9 @@ class TpTransport {
   // Enqueues a strided copy of `rows` rows of `width` bytes out of transport memory.
   virtual absl::Status CopyOut2D(void* host_dst, size_t dst_pitch, const void* src,
                                  size_t src_pitch, size_t width, size_t rows) = 0;
+  // Enqueues a strided copy of `rows` rows of `width` bytes within transport memory.
+  virtual absl::Status Copy2D(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                              size_t width, size_t rows) = 0;
 
   // Enqueues a broadcast of `bytes` bytes from rank 0's `buf` into every other rank's `buf`.
   virtual absl::Status Broadcast(void* buf, size_t bytes) = 0;

@@ -25,17 +25,21 @@ class Worker {
  private:
   absl::Status Loop() {
     if (t_.rank() <= 0) return absl::InvalidArgumentError("RunTpWorker is for ranks > 0");
-    const size_t B = options_.command_bytes;
-    if (B < sizeof(CommandHeader)) return absl::InvalidArgumentError("command_bytes too small");
-    absl::StatusOr<void*> block_dev = block_dev_.Reserve(t_, B);
-    if (!block_dev.ok()) return block_dev.status();
-    absl::StatusOr<void*> block_host = block_host_.Reserve(t_, B);
+    const size_t window = options_.command_bytes;  // the part of a block read on the host
+    if (window < sizeof(CommandHeader)) {
+      return absl::InvalidArgumentError("command_bytes too small");
+    }
+    absl::StatusOr<void*> block_host = block_host_.Reserve(t_, window);
     if (!block_host.ok()) return block_host.status();
+    size_t B = window;  // the next command's block, as the previous one announced
     uint64_t expected = 1;
     while (true) {
       // Round A: the next command (an idle server sends heartbeats, so silence means trouble).
+      // Nothing is in flight here, so the block may grow.
+      absl::StatusOr<void*> block_dev = block_dev_.Reserve(t_, B);
+      if (!block_dev.ok()) return block_dev.status();
       absl::Status s = t_.Broadcast(*block_dev, B);
-      if (s.ok()) s = t_.CopyOut(*block_host, *block_dev, B);
+      if (s.ok()) s = t_.CopyOut(*block_host, *block_dev, window);
       if (s.ok()) s = t_.Sync(options_.idle_timeout);
       if (!s.ok()) {
         return absl::Status(s.code(), absl::StrCat("waiting for rank 0: ", s.message()));
@@ -49,6 +53,12 @@ class Worker {
                                                 h.sequence));
       }
       ++expected;
+      if (h.next_block_bytes < static_cast<int64_t>(window)) {
+        return absl::InternalError(absl::StrCat("tensor-parallel command ", h.sequence,
+                                                " announces a block of ", h.next_block_bytes,
+                                                " bytes, less than command_bytes=", window));
+      }
+      B = static_cast<size_t>(h.next_block_bytes);
       if (static_cast<TpOp>(h.op) == TpOp::kShutdown) return absl::OkStatus();
       if (absl::Status e = Execute(h, static_cast<const uint8_t*>(*block_host),
                                    static_cast<uint8_t*>(*block_dev));
