@@ -38,6 +38,8 @@ ABSL_FLAG(std::string, dtype, "BF16", "activation and output dtype: FP32, FP16 o
 ABSL_FLAG(bool, host_sliced, true, "also time the host-sliced TP = 2 (no NCCL)");
 ABSL_FLAG(bool, fit_check, true, "check the sequences that fit by allocating");
 ABSL_FLAG(std::string, json, "", "write the results here");
+ABSL_FLAG(bool, profile, false,
+          "time the phases of tp1's steps (CudaBackendOptions::profile; adds events to tp1)");
 
 namespace kvbuffer::parallel {
 namespace {
@@ -175,8 +177,14 @@ int Run() {
               device_step ? "on" : "off (staged through host)");
 
   std::vector<Timed> runs;
+  Backend* tp1_backend = nullptr;  // for its profile
   {
-    auto e = Engine::Create(o, MakeCudaBackend(0));
+    CudaBackendOptions co;
+    co.device = 0;
+    co.profile = absl::GetFlag(FLAGS_profile);
+    std::unique_ptr<Backend> b = MakeCudaBackend(co);
+    tp1_backend = b.get();
+    auto e = Engine::Create(o, std::move(b));
     if (!e.ok()) return std::fprintf(stderr, "tp1: %s\n", e.status().ToString().c_str()), 1;
     runs.push_back({"tp1", *std::move(e), {}, 0});
   }
@@ -224,7 +232,9 @@ int Run() {
   const int32_t warm = 2 * C;
   const int32_t steps = absl::GetFlag(FLAGS_cycles) * C;
   int64_t position = P;
+  CudaStepProfile before;
   for (int32_t s = 0; s < warm + steps; ++s, ++position) {
+    if (s == warm) before = GetCudaStepProfile(*tp1_backend);
     const LayerCall call = Call(m, B, position, 1, inputs[s % inputs.size()], dtype);
     Tensor reference;
     for (Timed& t : runs) {
@@ -244,6 +254,20 @@ int Run() {
     }
   }
 
+  if (absl::GetFlag(FLAGS_profile)) {
+    // Where tp1's step goes: the engine around the backend, the backend's host work, and the
+    // device phases the backend waits for.
+    const CudaStepProfile after = GetCudaStepProfile(*tp1_backend);
+    const double n = static_cast<double>(std::max<int64_t>(after.steps - before.steps, 1));
+    const double host = (after.host_ms - before.host_ms) / n;
+    const double wait = (after.wait_ms - before.wait_ms) / n;
+    std::printf(
+        "\ntp1 profile, ms per step (%lld steps): DecodeStep %.4f = engine host %.4f + backend "
+        "host %.4f + wait %.4f; device: upload %.4f, kernels %.4f, download %.4f\n",
+        static_cast<long long>(after.steps - before.steps), Mean(runs[0].ms),
+        Mean(runs[0].ms) - host - wait, host, wait, (after.upload_ms - before.upload_ms) / n,
+        (after.kernels_ms - before.kernels_ms) / n, (after.download_ms - before.download_ms) / n);
+  }
   const double tp1 = Mean(runs[0].ms);
   std::printf("\n%-10s %12s %12s %10s %14s\n", "config", "median ms", "mean ms", "vs tp1",
               "max rel diff");

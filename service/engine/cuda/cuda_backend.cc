@@ -3,8 +3,6 @@
 // RunLayerStepOnDevice, which orders its work on the caller's stream through events.
 #include "service/engine/cuda/cuda_backend.h"
 
-#include "service/engine/backend_validation.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,10 +13,13 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "kernels/cuda/buffered_step.h"
 #include "kernels/cuda/chunked_prefill.h"
 #include "kernels/cuda/gdn_device.h"
 #include "kernels/cuda/token_prep.h"
+#include "service/engine/backend_validation.h"
 
 namespace kvbuffer {
 namespace {
@@ -241,6 +242,11 @@ class CudaBackend : public Backend {
   void* AllocateHostBuffer(size_t bytes) override;
   void FreeHostBuffer(void* p) override;
   bool PrefersHostBufferInputs() const override { return true; }
+  // The phases of the RunLayerStep calls so far (CudaBackendOptions::profile).
+  CudaStepProfile Profile() const {
+    absl::MutexLock lock(&mu_);
+    return profile_;
+  }
 
  private:
   void Free();
@@ -269,6 +275,12 @@ class CudaBackend : public Backend {
   cudaEvent_t upload_done_ = nullptr;  // recorded after each upload out of h_in_
   bool upload_pending_ = false;        // upload_done_ was recorded and not yet waited on
   cudaEvent_t ev_start_ = nullptr, ev_end_ = nullptr;  // RunLayerStepOnDevice ordering
+  // Profiling (options_.profile): events before the upload, after it, after the kernels and
+  // after the download of a host step.
+  cudaEvent_t prof_[4] = {};
+  bool prof_step_ = false;    // the current step records them
+  absl::Time prof_enqueued_;  // when the current step had enqueued everything
+  CudaStepProfile profile_;
 };
 
 void CudaBackend::Free() {
@@ -288,10 +300,12 @@ void CudaBackend::Free() {
   h_in_.Release();
   h_out_.Release();
   counters_cap_ = 0;
-  for (cudaEvent_t* ev : {&upload_done_, &ev_start_, &ev_end_}) {
+  for (cudaEvent_t* ev :
+       {&upload_done_, &ev_start_, &ev_end_, &prof_[0], &prof_[1], &prof_[2], &prof_[3]}) {
     if (*ev != nullptr) cudaEventDestroy(*ev);
     *ev = nullptr;
   }
+  profile_ = {};
   upload_pending_ = false;
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   stream_ = nullptr;
@@ -368,6 +382,9 @@ absl::Status CudaBackend::Allocate(const ModelConfig& config,
   KVB_CUDA_RETURN(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   for (cudaEvent_t* ev : {&upload_done_, &ev_start_, &ev_end_}) {
     KVB_CUDA_RETURN(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
+  }
+  if (options_.profile) {
+    for (cudaEvent_t& ev : prof_) KVB_CUDA_RETURN(cudaEventCreate(&ev));
   }
   // Layer weights.
   const int32_t L = config.num_layers, ch = config.channels(), W = config.conv_width;
@@ -475,7 +492,22 @@ absl::Status CudaBackend::Finish(const char* what) {
 
 absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
   absl::MutexLock lock(&mu_);
+  prof_step_ = options_.profile && prof_[0] != nullptr;
+  const absl::Time start = prof_step_ ? absl::Now() : absl::InfinitePast();
+  prof_enqueued_ = absl::InfinitePast();
   absl::Status s = StepLocked(step, false);
+  if (prof_step_ && s.ok() && prof_enqueued_ != absl::InfinitePast()) {
+    // Finish has run: every event has completed.
+    float ms[3] = {0, 0, 0};
+    for (int i = 0; i < 3; ++i) cudaEventElapsedTime(&ms[i], prof_[i], prof_[i + 1]);
+    profile_.steps += 1;
+    profile_.host_ms += absl::ToDoubleMilliseconds(prof_enqueued_ - start);
+    profile_.wait_ms += absl::ToDoubleMilliseconds(absl::Now() - prof_enqueued_);
+    profile_.upload_ms += ms[0];
+    profile_.kernels_ms += ms[1];
+    profile_.download_ms += ms[2];
+  }
+  prof_step_ = false;
   if (!s.ok() && stream_ != nullptr) {
     // Transfers may read the caller's (page-locked) activations or write its outputs until the
     // stream drains: none may outlive the call.
@@ -653,7 +685,9 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   const size_t qkv_at = on_device ? 0 : up.AddBytes(step.qkv, T * ch * in_es, direct);
   const size_t a_at = on_device ? 0 : up.AddBytes(step.a, T * HV * in_es, direct);
   const size_t b_at = on_device ? 0 : up.AddBytes(step.b, T * HV * in_es, direct);
+  if (prof_step_) KVB_CUDA_RETURN(cudaEventRecord(prof_[0], stream_));
   if (absl::Status s = Send(up); !s.ok()) return s;
+  if (prof_step_) KVB_CUDA_RETURN(cudaEventRecord(prof_[1], stream_));
   uint8_t* din = static_cast<uint8_t*>(d_in_.ptr);
   auto dptr = [din](size_t at) { return din + at; };
   const void* d_qkv = on_device ? step.qkv : dptr(qkv_at);
@@ -785,15 +819,17 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   }
 
   if (on_device) return absl::OkStatus();
-  if (IsPageLocked(step.out)) {  // the engine's output buffers are: no bounce copy
-    KVB_CUDA_RETURN(
-        cudaMemcpyAsync(step.out, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
-    return Finish("RunLayerStep");
+  if (prof_step_) KVB_CUDA_RETURN(cudaEventRecord(prof_[2], stream_));
+  const bool direct_out = IsPageLocked(step.out);  // the engine's output buffers: no bounce copy
+  if (!direct_out) KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
+  KVB_CUDA_RETURN(cudaMemcpyAsync(direct_out ? step.out : h_out_.ptr, d_out_.ptr, out_bytes,
+                                  cudaMemcpyDeviceToHost, stream_));
+  if (prof_step_) {
+    KVB_CUDA_RETURN(cudaEventRecord(prof_[3], stream_));
+    prof_enqueued_ = absl::Now();
   }
-  KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
-  KVB_CUDA_RETURN(
-      cudaMemcpyAsync(h_out_.ptr, d_out_.ptr, out_bytes, cudaMemcpyDeviceToHost, stream_));
   if (absl::Status s = Finish("RunLayerStep"); !s.ok()) return s;
+  if (direct_out) return absl::OkStatus();
   std::memcpy(step.out, h_out_.ptr, out_bytes);
   return absl::OkStatus();
 }
@@ -929,6 +965,11 @@ std::unique_ptr<Backend> MakeCudaBackend(int device) {
 
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
   return std::make_unique<CudaBackend>(options);
+}
+
+CudaStepProfile GetCudaStepProfile(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  return cuda == nullptr ? CudaStepProfile{} : cuda->Profile();
 }
 
 absl::Status RunLayerStepOnDevice(Backend& backend, const LayerStep& step, void* stream) {

@@ -23,7 +23,23 @@ enum class CudaPrefillMode : uint8_t {
 struct CudaBackendOptions {
   int device = 0;
   CudaPrefillMode prefill = CudaPrefillMode::kExact;
+  bool profile = false;  // time the phases of every RunLayerStep (GetCudaStepProfile)
 };
+
+// Where the time of a CUDA backend's RunLayerStep calls went, summed over the calls since the
+// backend was allocated (host activations in, host outputs back; CudaBackendOptions::profile).
+struct CudaStepProfile {
+  int64_t steps = 0;
+  double host_ms = 0;      // host: from entry until everything is enqueued (checks, planning,
+                           // staging copies, launches)
+  double wait_ms = 0;      // host: waiting for the stream at the end
+  double upload_ms = 0;    // device: the H2D transfers (metadata and activations)
+  double kernels_ms = 0;   // device: from the end of the upload to the end of the last kernel
+  double download_ms = 0;  // device: the D2H transfer of the outputs
+};
+
+// The profile of `backend` (all zero unless it is a CUDA backend with profiling on).
+CudaStepProfile GetCudaStepProfile(Backend& backend);
 
 // Number of usable CUDA devices; 0 when there is no device, driver or runtime.
 int CudaDeviceCount();
