@@ -74,20 +74,37 @@ TEST(FaultTest, AClientKilledMidStreamIsReclaimedAfterTheIdleTtlWhileOthersGoOn)
   ASSERT_OK(d.Open({a, b}));
   ASSERT_OK(d.Prefill({a, b}, {70, 5}));
 
+  // The survivors stay in use while the worker starts, steps and dies (a decode at least every
+  // 0.5 s, well inside the 2 s TTL): on a loaded machine (sanitizer builds, parallel tests) that
+  // takes seconds, and only the worker's sequences may go idle.
+  absl::Time last_step = absl::Now();
+  auto keep_survivors = [&] {
+    if (absl::Now() - last_step < absl::Milliseconds(500)) return absl::OkStatus();
+    last_step = absl::Now();
+    return d.Decode({a, b});
+  };
+
   // A mock worker process with two Streams that would run for hours.
   absl::StatusOr<pid_t> worker =
       SpawnProgram({MockWorkerBinary(), "--server=" + server->address(), "--mode=stream",
                     "--concurrency=2", "--batch=4", "--rounds=100000000", "--seed=77"});
   ASSERT_TRUE(worker.ok()) << worker.status();
-  ASSERT_TRUE(Eventually([&] { return server->engine()->Info().open_sequences >= 2 + 8; }))
-      << "the worker never opened its sequences";
+  absl::Status kept;
+  ASSERT_TRUE(Eventually([&] {
+    kept.Update(keep_survivors());
+    return server->engine()->Info().open_sequences >= 2 + 8;
+  })) << "the worker never opened its sequences";
   const int64_t flushes_before = server->engine()->Info().flushes;
-  ASSERT_TRUE(Eventually([&] { return server->engine()->Info().flushes > flushes_before + 8; }))
-      << "the worker is not stepping";
+  ASSERT_TRUE(Eventually([&] {
+    kept.Update(keep_survivors());
+    return server->engine()->Info().flushes > flushes_before + 8;
+  })) << "the worker is not stepping";
+  ASSERT_OK(kept);
   kill(*worker, SIGKILL);
   absl::StatusOr<std::string> ended = WaitProgram(*worker, absl::Seconds(10));
   ASSERT_TRUE(ended.ok()) << ended.status();
   EXPECT_EQ(*ended, "signal 9");
+  ASSERT_OK(keep_survivors());
   const int32_t orphans = server->engine()->Info().open_sequences - 2;
   EXPECT_GE(orphans, 1);
 
