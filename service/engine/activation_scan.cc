@@ -1,6 +1,13 @@
 #include "service/engine/activation_scan.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <thread>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/synchronization/mutex.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -89,20 +96,155 @@ size_t CopyAndFindFirst(const uint8_t* src, uint8_t* dst, size_t n, uint32_t lim
   return found;
 }
 
+// Helper threads that run the chunks of large scans. One scan at a time uses them; a scan that
+// finds them busy runs on its caller alone.
+class ScanPool {
+ public:
+  static ScanPool& Get() {
+    static ScanPool* pool = new ScanPool();  // never destroyed: threads outlive static teardown
+    return *pool;
+  }
+
+  void SetHelpers(int helpers) {
+    absl::MutexLock lock(&mu_);
+    want_ = std::max(0, helpers);
+  }
+
+  // Runs fn(c) for every chunk c in [0, chunks): chunk 0 on the caller, the others on up to
+  // chunks - 1 helpers (fewer when the pool is busy or small: the caller then takes more).
+  void Run(int chunks, absl::FunctionRef<void(int)> fn) {
+    if (chunks > 1 && run_mu_.TryLock()) {
+      int helpers = 0;
+      {
+        absl::MutexLock lock(&mu_);
+        while (static_cast<int>(threads_.size()) < std::min(want_, chunks - 1)) {
+          threads_.emplace_back([this] { Loop(); });
+        }
+        helpers = std::min(static_cast<int>(threads_.size()), chunks - 1);
+        fn_ = &fn;
+        chunks_ = chunks;
+        next_.store(1, std::memory_order_relaxed);
+        active_ = helpers;
+        ++generation_;
+      }
+      RunChunks(fn, chunks);
+      {
+        absl::MutexLock lock(&mu_);
+        // Every helper of this run has picked it up and left its chunks.
+        auto done = [this]()
+                        ABSL_SHARED_LOCKS_REQUIRED(mu_) { return active_ == 0 && running_ == 0; };
+        mu_.Await(absl::Condition(&done));
+        fn_ = nullptr;
+      }
+      run_mu_.Unlock();
+      return;
+    }
+    for (int c = 0; c < chunks; ++c) fn(c);
+  }
+
+  int MaxHelpers() {
+    absl::MutexLock lock(&mu_);
+    return want_;
+  }
+
+ private:
+  ScanPool() {
+    const int hw = static_cast<int>(std::thread::hardware_concurrency());
+    want_ = std::min(3, hw / 4);
+  }
+
+  void RunChunks(absl::FunctionRef<void(int)> fn, int chunks) {
+    fn(0);
+    for (int c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) fn(c);
+  }
+
+  void Loop() {
+    uint64_t seen = 0;
+    absl::MutexLock lock(&mu_);
+    while (true) {
+      auto work = [this, &seen]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+        return generation_ != seen && active_ > 0;
+      };
+      mu_.Await(absl::Condition(&work));
+      seen = generation_;
+      --active_;  // this helper's claim; it may find no chunk left
+      const absl::FunctionRef<void(int)>* fn = fn_;
+      const int chunks = chunks_;
+      ++running_;
+      mu_.Unlock();
+      for (int c = next_.fetch_add(1); c < chunks; c = next_.fetch_add(1)) (*fn)(c);
+      mu_.Lock();
+      --running_;
+    }
+  }
+
+  absl::Mutex run_mu_;  // held by the scan using the helpers
+  absl::Mutex mu_;
+  std::vector<std::thread> threads_ ABSL_GUARDED_BY(mu_);
+  int want_ ABSL_GUARDED_BY(mu_) = 0;
+  const absl::FunctionRef<void(int)>* fn_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int chunks_ ABSL_GUARDED_BY(mu_) = 0;
+  int active_ ABSL_GUARDED_BY(mu_) = 0;   // helpers yet to pick up the current run
+  int running_ ABSL_GUARDED_BY(mu_) = 0;  // helpers inside a run's chunks
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  std::atomic<int> next_{0};
+};
+
+// Splits [0, n) lanes into chunks of whole blocks (at least kParallelScanBytes / 2 each) and runs
+// scan(begin, count) -> first hit (or count) on each; the first hit in order, or n.
+template <typename Lane, typename Scan>
+size_t InChunks(size_t n, Scan scan) {
+  const size_t bytes = n * sizeof(Lane);
+  ScanPool& pool = ScanPool::Get();
+  const int helpers = bytes >= kParallelScanBytes ? pool.MaxHelpers() : 0;
+  if (helpers == 0) return scan(size_t{0}, n);
+  constexpr size_t kBlockLanes = kBlockBytes / sizeof(Lane);
+  const size_t max_chunks = std::max<size_t>(1, bytes / (kParallelScanBytes / 2));
+  const int chunks = static_cast<int>(std::min<size_t>(helpers + 1, max_chunks));
+  const size_t per = (n / chunks + kBlockLanes - 1) / kBlockLanes * kBlockLanes;
+  std::vector<size_t> found(chunks, n);
+  pool.Run(chunks, [&](int c) {
+    const size_t begin = std::min(n, c * per);
+    const size_t count = std::min(n - begin, per);
+    const size_t hit = count == 0 ? 0 : scan(begin, count);
+    found[c] = hit < count ? begin + hit : n;
+  });
+  return *std::min_element(found.begin(), found.end());
+}
+
+template <typename Lane>
+size_t CopyAndFindFirstParallel(const uint8_t* src, uint8_t* dst, size_t n, uint32_t limit) {
+  return InChunks<Lane>(n, [&](size_t begin, size_t count) {
+    return CopyAndFindFirst<Lane>(src + begin * sizeof(Lane), dst + begin * sizeof(Lane), count,
+                                  limit);
+  });
+}
+
+template <typename Lane>
+size_t FindFirstParallel(const uint8_t* p, size_t n, uint32_t limit) {
+  return InChunks<Lane>(n, [&](size_t begin, size_t count) {
+    return FindFirst<Lane>(p + begin * sizeof(Lane), count, limit);
+  });
+}
+
 }  // namespace
+
+void SetActivationScanHelpers(int helpers) { ScanPool::Get().SetHelpers(helpers); }
+
+int ActivationScanHelpers() { return ScanPool::Get().MaxHelpers(); }
 
 size_t CopyAndFindFirstMagnitudeAtLeast(const void* src, void* dst, size_t n, DType dtype,
                                         uint32_t limit_bits) {
   const auto* s = static_cast<const uint8_t*>(src);
   auto* d = static_cast<uint8_t*>(dst);
-  if (dtype == DType::kFloat32) return CopyAndFindFirst<uint32_t>(s, d, n, limit_bits);
-  return CopyAndFindFirst<uint16_t>(s, d, n, limit_bits);
+  if (dtype == DType::kFloat32) return CopyAndFindFirstParallel<uint32_t>(s, d, n, limit_bits);
+  return CopyAndFindFirstParallel<uint16_t>(s, d, n, limit_bits);
 }
 
 size_t FindFirstMagnitudeAtLeast(const void* data, size_t n, DType dtype, uint32_t limit_bits) {
   const auto* p = static_cast<const uint8_t*>(data);
-  if (dtype == DType::kFloat32) return FindFirst<uint32_t>(p, n, limit_bits);
-  return FindFirst<uint16_t>(p, n, limit_bits);
+  if (dtype == DType::kFloat32) return FindFirstParallel<uint32_t>(p, n, limit_bits);
+  return FindFirstParallel<uint16_t>(p, n, limit_bits);
 }
 
 }  // namespace kvbuffer

@@ -20,4 +20,14 @@ size_t FindFirstMagnitudeAtLeast(const void* data, size_t n, DType dtype, uint32
 size_t CopyAndFindFirstMagnitudeAtLeast(const void* src, void* dst, size_t n, DType dtype,
                                         uint32_t limit_bits);
 
+// Both scans split tensors of at least kParallelScanBytes over helper threads (shared by the
+// process, started on first use), one memory stream per thread. Sets how many helpers they may
+// use (default: a quarter of the hardware threads, at most 3; 0: scan on the caller only).
+void SetActivationScanHelpers(int helpers);
+
+// The number of helpers the scans may use.
+int ActivationScanHelpers();
+
+inline constexpr size_t kParallelScanBytes = size_t{1} << 20;
+
 }  // namespace kvbuffer

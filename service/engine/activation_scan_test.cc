@@ -1,5 +1,6 @@
 #include "service/engine/activation_scan.h"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -69,6 +70,32 @@ TEST(ActivationScanTest, AgreesWithThePerElementTestAtEveryOffsetAndLength) {
       }
     }
   }
+}
+
+TEST(ActivationScanTest, LargeTensorsSplitOverHelpersFindTheFirstHit) {
+  std::mt19937 rng(11);
+  const size_t n = 3 * kParallelScanBytes / 2 + 12345;  // bf16 elements: ~3 MB, uneven chunks
+  std::vector<uint16_t> x(n);
+  for (uint16_t& v : x) v = static_cast<uint16_t>(rng() % 0x4980) | ((rng() & 1) << 15);
+  const int default_helpers = ActivationScanHelpers();
+  for (int helpers : {0, 1, 3}) {
+    SetActivationScanHelpers(helpers);
+    std::vector<uint16_t> dst(n);
+    EXPECT_EQ(FindFirstMagnitudeAtLeast(x.data(), n, DType::kBFloat16, 0x4980), n);
+    EXPECT_EQ(CopyAndFindFirstMagnitudeAtLeast(x.data(), dst.data(), n, DType::kBFloat16, 0x4980),
+              n);
+    EXPECT_EQ(dst, x);
+    for (size_t at : {size_t{5}, n / 3, n / 2 + 7, n - 1}) {
+      std::vector<uint16_t> y = x;
+      y[at] = 0x7f80;              // +Inf
+      y[n - 1 - at / 2] = 0xffc0;  // a NaN further on (or the same place)
+      const size_t want = std::min(at, n - 1 - at / 2);
+      EXPECT_EQ(FindFirstMagnitudeAtLeast(y.data(), n, DType::kBFloat16, 0x4980), want);
+      EXPECT_EQ(CopyAndFindFirstMagnitudeAtLeast(y.data(), dst.data(), n, DType::kBFloat16, 0x4980),
+                want);
+    }
+  }
+  SetActivationScanHelpers(default_helpers);
 }
 
 }  // namespace
