@@ -29,12 +29,6 @@ const char* KindName(StepKind kind) {
   return "?";
 }
 
-int64_t ShapeElements(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 // Checks one activation tensor: dtype, shape [rows, cols] and byte count.
 absl::Status CheckTensor(const char* name, const TensorView& t, DType dtype, int64_t rows,
                          int64_t cols) {
@@ -46,16 +40,16 @@ absl::Status CheckTensor(const char* name, const TensorView& t, DType dtype, int
                                                    " but qkv.dtype is ", DTypeName(dtype),
                                                    "; qkv, a and b must share one dtype"));
   }
-  std::vector<int64_t> want = {rows, cols};
-  if (t.shape != want) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ".shape must be ", ShapeString(want),
-                                                   ", got ", ShapeString(t.shape)));
+  // The shape vector is built only for messages: no allocation on the per-step path.
+  if (t.shape.size() != 2 || t.shape[0] != rows || t.shape[1] != cols) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ".shape must be ", ShapeString({rows, cols}), ", got ", ShapeString(t.shape)));
   }
-  const size_t bytes = static_cast<size_t>(ShapeElements(want)) * DTypeSize(dtype);
+  const size_t bytes = static_cast<size_t>(rows * cols) * DTypeSize(dtype);
   if (t.size_bytes != bytes || (bytes > 0 && t.data == nullptr)) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ".data has ", t.size_bytes,
-                                                   " bytes, expected ", bytes, " for shape ",
-                                                   ShapeString(want), " ", DTypeName(dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, ".data has ", t.size_bytes, " bytes, expected ", bytes, " for shape ",
+                     ShapeString({rows, cols}), " ", DTypeName(dtype)));
   }
   return absl::OkStatus();
 }
