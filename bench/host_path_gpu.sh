@@ -5,14 +5,15 @@
 #   3. nccl_group_gpu_test (mode A/B, CUDA shards vs one GPU, inline command blocks);
 #   4. tp_bench --profile at B = 256 and 64: tp1 / tp2-nccl / tp2-host, and tp1's step split into
 #      engine host, backend host, wait, upload, kernels, download.
-# Prebuilt binaries in .gpu/bin (bundle made by /work/shared/gpu/bundle), results in $OUT.
+# Prebuilt binaries in $BUNDLE/bin (default .gpu; made by /work/shared/gpu/bundle), results in $OUT.
 # Usage, from the repository root:  bash bench/host_path_gpu.sh [bench|tests|all]
 # (bench: 1 and 4, at most 5.5 minutes by its time limits; tests: 2 and 3, at most 6.5 minutes).
 set -uo pipefail
 what=${1:-all}
-export LD_LIBRARY_PATH=.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+bundle=${BUNDLE:-.gpu}
+export LD_LIBRARY_PATH=$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export NCCL_NVLS_ENABLE=0 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-bin=${BIN:-.gpu/bin}
+bin=$bundle/bin
 out=${OUT:-host-path-out}
 mkdir -p "$out"
 nvidia-smi -L | tee "$out/gpus.txt"
