@@ -453,10 +453,16 @@ cudaError_t LaunchBufferedStepStream(const StepArgs& args, int32_t first, int32_
       break;
   }
   // Best measured shape per case (H100, bench/NOTES.md v7): few items are latency-bound and want
-  // many small blocks, and so do drafts (the per-token passes over the tile are shorter);
-  // otherwise 64 columns with 16 state rows per thread (5 blocks per SM).
-  if (count < 32 || args.max_tokens >= 2)
+  // many small blocks; drafts over many items want whole heads (tokens and rows staged once per
+  // head, 16 state rows per thread); otherwise 64 columns with 16 state rows per thread (5
+  // blocks per SM).
+  if (args.max_tokens >= 2) {
+    if (count >= 128 || (count >= 4 && count < 32)) {
+      return LaunchShape<128, 16>(args, first, count, fold, stream);
+    }
     return LaunchShape<64, 8>(args, first, count, fold, stream);
+  }
+  if (count < 32) return LaunchShape<64, 8>(args, first, count, fold, stream);
   return LaunchShape<64, 16>(args, first, count, fold, stream);
 }
 
