@@ -19,6 +19,12 @@ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVB_WITH_C
   -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
 cmake --build build-fuzz -j "${KVB_JOBS:-2}" --target kvb_request_fuzzer kvb_request_fuzz_replay
 built=$SECONDS
-ctest --test-dir build-fuzz -L "fuzz" --output-on-failure
+status=0
+ctest --test-dir build-fuzz -L "fuzz" --output-on-failure || status=$?
+# The run's own summary (inputs executed, coverage, peak RSS); its full log is kept.
+cp build-fuzz/Testing/Temporary/LastTest.log build-fuzz/fuzz-smoke.log
+grep -E "^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)|^(==[0-9]+==|SUMMARY|artifact_prefix)" \
+  build-fuzz/fuzz-smoke.log | sed 's/^/fuzz: /' || true
+((status == 0)) || exit "$status"
 ctest --test-dir build-fuzz -R request_fuzz_corpus --output-on-failure
 echo "fuzz: build $((built - start)) s, run $((SECONDS - built)) s"
