@@ -408,14 +408,8 @@ __device__ __forceinline__ void HeadUnit(const StepArgs& A, uint8_t* smem, int i
             const float4 a = *reinterpret_cast<const float4*>(red + ((w * L.tg + t) * 2) * V + c4);
             const float4 b =
                 *reinterpret_cast<const float4*>(red + ((w * L.tg + t) * 2 + 1) * V + c4);
-            p.x += a.x;
-            p.y += a.y;
-            p.z += a.z;
-            p.w += a.w;
-            r.x += b.x;
-            r.y += b.y;
-            r.z += b.z;
-            r.w += b.w;
+            Add4(p, a);
+            Add4(r, b);
           }
         }
         const float eg = expf(Gi[i]);

@@ -261,14 +261,8 @@ __global__ void __launch_bounds__(StreamThreads(TC, RPT), StreamMinBlocks(M, TC,
 #pragma unroll
       for (int off = CG; off < 32; off <<= 1) {
         const float4 a = Shfl4(p, off), b = Shfl4(r, off);
-        p.x += a.x;
-        p.y += a.y;
-        p.z += a.z;
-        p.w += a.w;
-        r.x += b.x;
-        r.y += b.y;
-        r.z += b.z;
-        r.w += b.w;
+        Add4(p, a);
+        Add4(r, b);
       }
       if (lane < CG) {
         *reinterpret_cast<float4*>(red + ((warp * M + t) * 2) * TC + 4 * cg) = p;

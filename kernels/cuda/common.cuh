@@ -93,6 +93,14 @@ __device__ __forceinline__ void Axpy4(float4& a, float x, const float4& b) {
   a.w = fmaf(x, b.w, a.w);
 }
 
+// a += b, elementwise.
+__device__ __forceinline__ void Add4(float4& a, const float4& b) {
+  a.x += b.x;
+  a.y += b.y;
+  a.z += b.z;
+  a.w += b.w;
+}
+
 // Initialises a shared-memory mbarrier expecting one arrival.
 __device__ __forceinline__ void MbarInit(uint64_t* bar) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));

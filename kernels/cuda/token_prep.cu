@@ -30,6 +30,17 @@ __device__ __forceinline__ void AdvanceWindow(const Geometry& g, const Pools& po
   }
 }
 
+// Gates of token `tok` and value head hv: writes beta = sigmoid(b) and returns
+// g = -exp(A_log) * softplus(a + dt_bias) (softplus(x) = x for x > 20).
+__device__ __forceinline__ float PrepGates(const PrepArgs& A, int64_t tok, int hv) {
+  const int64_t i = tok * A.g.HV + hv;
+  const float av = LoadElem(A.a, A.in_dtype, i) + A.w.dt_bias[hv];
+  const float sp = av > 20.f ? av : log1pf(expf(av));
+  const float bb = LoadElem(A.b, A.in_dtype, i);
+  A.out.beta[i] = 1.f / (1.f + expf(-bb));
+  return -expf(A.w.a_log[hv]) * sp;
+}
+
 __global__ void __launch_bounds__(kPrepThreads) TokenPrepKernel(PrepArgs A) {
   const Geometry g = A.g;
   const PrepUnit unit = A.units[blockIdx.x];
@@ -96,12 +107,7 @@ __global__ void __launch_bounds__(kPrepThreads) TokenPrepKernel(PrepArgs A) {
       }
     }
     if (!is_qk && lane == 0) {
-      const float av = LoadElem(A.a, A.in_dtype, tok * g.HV + hv) + A.w.dt_bias[hv];
-      const float sp = av > 20.f ? av : log1pf(expf(av));
-      const float gg = -expf(A.w.a_log[hv]) * sp;
-      const float bb = LoadElem(A.b, A.in_dtype, tok * g.HV + hv);
-      A.out.beta[tok * g.HV + hv] = 1.f / (1.f + expf(-bb));
-      gsh[t - unit.t_begin] = gg;
+      gsh[t - unit.t_begin] = PrepGates(A, tok, hv);
     }
   }
   __syncthreads();
@@ -229,11 +235,7 @@ __global__ void __launch_bounds__(kPrepThreads, 8) ChunkPrepKernel(PrepArgs A) {
   if (!is_qk) {
     for (int t = tb + lane; t < te; t += 32) {
       const int64_t tok = it.token_offset + t;
-      const float av = LoadElem(A.a, A.in_dtype, tok * g.HV + hv) + A.w.dt_bias[hv];
-      const float sp = av > 20.f ? av : log1pf(expf(av));
-      gsh[t - unit.t_begin] = -expf(A.w.a_log[hv]) * sp;
-      const float bb = LoadElem(A.b, A.in_dtype, tok * g.HV + hv);
-      A.out.beta[tok * g.HV + hv] = 1.f / (1.f + expf(-bb));
+      gsh[t - unit.t_begin] = PrepGates(A, tok, hv);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -322,11 +324,7 @@ __global__ void __launch_bounds__(32) DecodePrepKernel(PrepArgs A) {
     }
   }
   if (!is_qk && lane == 0) {
-    const float av = LoadElem(A.a, A.in_dtype, tok * g.HV + hv) + A.w.dt_bias[hv];
-    const float sp = av > 20.f ? av : log1pf(expf(av));
-    const float gg = -expf(A.w.a_log[hv]) * sp;
-    const float bb = LoadElem(A.b, A.in_dtype, tok * g.HV + hv);
-    A.out.beta[tok * g.HV + hv] = 1.f / (1.f + expf(-bb));
+    const float gg = PrepGates(A, tok, hv);
     float G = 0.f;
     if (!(it.flags & kFoldFirst) && it.buffer_rows > 0) {
       int32_t slot;
