@@ -14,7 +14,8 @@
 # Usage: scripts/sanitizers.sh [asan|tsan|all] [extra ctest args...]   (default: all)
 #        scripts/sanitizers.sh env tsan    prints the environment to run one TSan binary by hand
 # Environment: KVB_JOBS (2), KVB_TSAN_LABELS ("unit|integration"), KVB_TSAN_EXCLUDE (a ctest -E
-# regex of tests TSan skips, e.g. the single-threaded math suites "^(Shards|ChunkedPrefillTest)/").
+# regex of tests TSan skips; scripts/test.sh, i.e. CI, sets the long math sweeps
+# '^(Shards/|ChunkedPrefillTest\.)|PrefillEveryLengthTo300'; unset here: every test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
