@@ -241,6 +241,24 @@ size_t CopyAndFindFirstMagnitudeAtLeast(const void* src, void* dst, size_t n, DT
   return CopyAndFindFirstParallel<uint16_t>(s, d, n, limit_bits);
 }
 
+bool CopyRowsBelowMagnitude(const void* src, size_t src_stride, void* dst, size_t dst_stride,
+                            size_t rows, size_t n, DType dtype, uint32_t limit_bits) {
+  const auto* s = static_cast<const uint8_t*>(src);
+  auto* d = static_cast<uint8_t*>(dst);
+  const size_t row_bytes = n * DTypeSize(dtype);
+  bool ok = true;
+  for (size_t r = 0; r < rows && ok; ++r) {
+    const uint8_t* from = s + r * src_stride;
+    ok = (dtype == DType::kFloat32 ? FindFirst<uint32_t>(from, n, limit_bits)
+                                   : FindFirst<uint16_t>(from, n, limit_bits)) == n;
+    if (ok) CopyStreaming(d + r * dst_stride, from, row_bytes);
+  }
+#if defined(__SSE2__)
+  _mm_sfence();  // one fence for all the rows' streamed stores
+#endif
+  return ok;
+}
+
 size_t FindFirstMagnitudeAtLeast(const void* data, size_t n, DType dtype, uint32_t limit_bits) {
   const auto* p = static_cast<const uint8_t*>(data);
   if (dtype == DType::kFloat32) return FindFirstParallel<uint32_t>(p, n, limit_bits);

@@ -20,6 +20,13 @@ size_t FindFirstMagnitudeAtLeast(const void* data, size_t n, DType dtype, uint32
 size_t CopyAndFindFirstMagnitudeAtLeast(const void* src, void* dst, size_t n, DType dtype,
                                         uint32_t limit_bits);
 
+// Copies `rows` rows of `n` elements of `dtype` from `src` to `dst` (row strides in bytes; the
+// rows must not overlap), testing each element as FindFirstMagnitudeAtLeast does, on the calling
+// thread with one store fence at the end (for many short rows, e.g. one shard's heads of each
+// token). True if no element reached the limit; false stops early (the copy is then incomplete).
+bool CopyRowsBelowMagnitude(const void* src, size_t src_stride, void* dst, size_t dst_stride,
+                            size_t rows, size_t n, DType dtype, uint32_t limit_bits);
+
 // Both scans split tensors of at least kParallelScanBytes over helper threads (shared by the
 // process, started on first use), one memory stream per thread. Sets how many helpers they may
 // use (default: a quarter of the hardware threads, at most 3; 0: scan on the caller only).

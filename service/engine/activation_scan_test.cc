@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -96,6 +97,43 @@ TEST(ActivationScanTest, LargeTensorsSplitOverHelpersFindTheFirstHit) {
     }
   }
   SetActivationScanHelpers(default_helpers);
+}
+
+// Strided rows (one shard's heads of each token): copied exactly where every element is below the
+// limit, refused where any one is, in any row and at any position, for each element size.
+TEST(ActivationScanTest, StridedRowsAreCopiedOrRefused) {
+  std::mt19937 rng(12);
+  for (const auto& [dtype, limit, bad] :
+       {std::tuple<DType, uint32_t, uint32_t>{DType::kBFloat16, 0x4980, 0x7fc0},
+        {DType::kFloat32, 0x49800000u, 0x7f800000u}}) {
+    const size_t es = DTypeSize(dtype);
+    const size_t rows = 37, n = 300, src_stride = 1000 * es, dst_stride = 320 * es;
+    std::vector<uint8_t> src(rows * src_stride), dst(rows * dst_stride, 0xab);
+    for (size_t r = 0; r < rows; ++r) {
+      for (size_t i = 0; i < n + 50; ++i) {  // 50 elements past each row that are not copied
+        const uint32_t v = es == 2 ? static_cast<uint32_t>(rng() % 0x4980)
+                                   : static_cast<uint32_t>(rng() % 0x49800000u);
+        std::memcpy(src.data() + r * src_stride + i * es, &v, es);
+      }
+    }
+    ASSERT_TRUE(CopyRowsBelowMagnitude(src.data(), src_stride, dst.data(), dst_stride, rows, n,
+                                       dtype, limit));
+    for (size_t r = 0; r < rows; ++r) {
+      EXPECT_EQ(std::memcmp(dst.data() + r * dst_stride, src.data() + r * src_stride, n * es), 0);
+      EXPECT_EQ(dst[r * dst_stride + n * es], 0xab);  // nothing past the row's n elements
+    }
+    for (const auto& [r, i] : {std::pair<size_t, size_t>{0, 0}, {17, 123}, {rows - 1, n - 1}}) {
+      std::vector<uint8_t> y = src;
+      std::memcpy(y.data() + r * src_stride + i * es, &bad, es);
+      EXPECT_FALSE(CopyRowsBelowMagnitude(y.data(), src_stride, dst.data(), dst_stride, rows, n,
+                                          dtype, limit));
+    }
+    // A bad value just past the rows' n elements is not theirs.
+    std::vector<uint8_t> y = src;
+    std::memcpy(y.data() + 3 * src_stride + n * es, &bad, es);
+    EXPECT_TRUE(CopyRowsBelowMagnitude(y.data(), src_stride, dst.data(), dst_stride, rows, n, dtype,
+                                       limit));
+  }
 }
 
 }  // namespace

@@ -80,6 +80,9 @@ struct LayerStep {
   int32_t total_tokens = 0;
   DType out_dtype = DType::kFloat32;
   void* out = nullptr;
+  // Bytes from one token's output row to the next in `out`; 0 means dense (HV * V elements).
+  // Only backends whose TakesOutputRowStride() is true accept a non-zero stride.
+  size_t out_row_stride = 0;
 };
 
 // Folds a sequence's buffer into its state on one layer (a standalone flush).
@@ -100,7 +103,7 @@ struct ConvCommitItem {
 
 // Memory a backend holds.
 struct BackendMemory {
-  int64_t pool_bytes = 0;       // states + pages + conv slots
+  int64_t pool_bytes = 0;          // states + pages + conv slots
   int64_t device_total_bytes = 0;  // card memory (0 on the CPU backend)
   int64_t device_free_bytes = 0;
 };
@@ -150,6 +153,17 @@ class Backend {
   // engine then copies them there while it checks them (qkv, a and b at 256-byte aligned offsets
   // of one buffer). Default false.
   virtual bool PrefersHostBufferInputs() const { return false; }
+
+  // True if RunLayerStep itself refuses activation values outside the rule of activation_check.h
+  // with the engine's INVALID_ARGUMENT message (the first refused element of qkv, then a, then
+  // b) and changes nothing then; the engine skips its own scan of the values (its shape checks
+  // stay). Such a backend checks while it copies the values anyway (e.g. per shard, in parallel).
+  // Default false.
+  virtual bool ChecksActivationValues() const { return false; }
+
+  // True if RunLayerStep writes output rows LayerStep::out_row_stride bytes apart. Default false:
+  // a non-zero stride is INVALID_ARGUMENT.
+  virtual bool TakesOutputRowStride() const { return false; }
 };
 
 // Creates the exact CPU backend.

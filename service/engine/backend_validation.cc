@@ -46,7 +46,7 @@ absl::Status ValidatePageSpan(const PoolSizes& sizes, std::span<const int32_t> p
 }
 
 absl::Status ValidateLayerStep(const ModelConfig& config, const PoolSizes& sizes,
-                               const LayerStep& step) {
+                               const LayerStep& step, bool takes_row_stride) {
   if (absl::Status s = ValidateLayer(config, step.layer); !s.ok()) return s;
   if (step.kind != StepKind::kDecode && step.kind != StepKind::kVerify &&
       step.kind != StepKind::kPrefill) {
@@ -62,6 +62,18 @@ absl::Status ValidateLayerStep(const ModelConfig& config, const PoolSizes& sizes
   if (!step.items.empty() &&
       (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr)) {
     return absl::InvalidArgumentError("qkv, a, b and out must not be null");
+  }
+  if (step.out_row_stride != 0) {
+    const size_t row = static_cast<size_t>(config.out_elems()) * DTypeSize(step.out_dtype);
+    if (!takes_row_stride) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("out_row_stride must be 0 for this backend, got ", step.out_row_stride));
+    }
+    if (step.out_row_stride < row || step.out_row_stride % DTypeSize(step.out_dtype) != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("out_row_stride must be 0 or a multiple of ", DTypeSize(step.out_dtype),
+                       " that is at least ", row, " bytes, got ", step.out_row_stride));
+    }
   }
   for (size_t i = 0; i < step.items.size(); ++i) {
     const StepItem& it = step.items[i];

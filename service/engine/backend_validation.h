@@ -21,9 +21,10 @@ absl::Status ValidatePageSpan(const PoolSizes& sizes, std::span<const int32_t> p
                               const char* what, size_t index);
 
 // OK if a per-layer step is consistent (kind, dtypes, pointers, every item's tokens, slots, fold
-// and chunk flags, pages for every row it reads or writes); else INVALID_ARGUMENT.
+// and chunk flags, pages for every row it reads or writes, the output row stride: 0, or at least
+// a dense row when `takes_row_stride`); else INVALID_ARGUMENT.
 absl::Status ValidateLayerStep(const ModelConfig& config, const PoolSizes& sizes,
-                               const LayerStep& step);
+                               const LayerStep& step, bool takes_row_stride = false);
 
 // OK if standalone folds name valid state slots and pages; else INVALID_ARGUMENT.
 absl::Status ValidateFoldItems(const ModelConfig& config, const PoolSizes& sizes, int32_t layer,

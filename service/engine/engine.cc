@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "service/engine/activation_scan.h"
+#include "service/engine/activation_check.h"
 
 namespace kvbuffer {
 namespace {
@@ -22,9 +22,12 @@ constexpr size_t kPooledBlockBytes = size_t{64} << 20;
 
 const char* KindName(StepKind kind) {
   switch (kind) {
-    case StepKind::kDecode: return "DecodeStep";
-    case StepKind::kVerify: return "VerifyDrafts";
-    case StepKind::kPrefill: return "Prefill";
+    case StepKind::kDecode:
+      return "DecodeStep";
+    case StepKind::kVerify:
+      return "VerifyDrafts";
+    case StepKind::kPrefill:
+      return "Prefill";
   }
   return "?";
 }
@@ -50,32 +53,6 @@ absl::Status CheckTensor(const char* name, const TensorView& t, DType dtype, int
     return absl::InvalidArgumentError(
         absl::StrCat(name, ".data has ", t.size_bytes, " bytes, expected ", bytes, " for shape ",
                      ShapeString({rows, cols}), " ", DTypeName(dtype)));
-  }
-  return absl::OkStatus();
-}
-
-// Rejects NaN, Inf and finite values of magnitude 2^kActivationMagnitudeLog2 or more before they
-// can reach a state (an exponent-bits test, no conversions). FP16 cannot hold such a value, so
-// there only NaN and Inf are refused.
-absl::Status CheckActivationValues(const char* name, const TensorView& t, void* copy_to) {
-  static_assert(kActivationMagnitudeLog2 > 16 && kActivationMagnitudeLog2 < 127);
-  const size_t n = t.size_bytes / DTypeSize(t.dtype);
-  // |x| >= 2^k (Inf and NaN included) <=> the bits without the sign are >= those of 2^k.
-  uint32_t limit = 0x7c00;  // FP16: Inf and NaN
-  if (t.dtype == DType::kFloat32) limit = uint32_t{127 + kActivationMagnitudeLog2} << 23;
-  if (t.dtype == DType::kBFloat16) limit = uint32_t{127 + kActivationMagnitudeLog2} << 7;
-  const size_t bad = copy_to == nullptr
-                         ? FindFirstMagnitudeAtLeast(t.data, n, t.dtype, limit)
-                         : CopyAndFindFirstMagnitudeAtLeast(t.data, copy_to, n, t.dtype, limit);
-  if (bad < n) {
-    const float v = LoadAsFloat(t.data, t.dtype, bad);
-    if (!std::isfinite(v)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(name, " holds a non-finite value (", v, ") at element ", bad));
-    }
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, " holds ", v, " at element ", bad, "; activations must have |x| < 2^",
-        kActivationMagnitudeLog2, " (", static_cast<int64_t>(kMaxActivationMagnitude), ")"));
   }
   return absl::OkStatus();
 }
@@ -117,7 +94,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(EngineOptions options,
   }
   std::unique_ptr<Engine> engine(new Engine(std::move(options), std::move(backend)));
   engine->element_bytes_ = ComputePoolElementBytes(engine->options_.model, sizes);
-  engine->stage_inputs_ = engine->backend_->PrefersHostBufferInputs();
+  engine->check_values_ = !engine->backend_->ChecksActivationValues();
+  engine->stage_inputs_ = engine->check_values_ && engine->backend_->PrefersHostBufferInputs();
   return engine;
 }
 
@@ -262,14 +240,14 @@ absl::Status Engine::Open(const std::string& tenant, const std::vector<uint64_t>
   if (options_.max_sequences_per_tenant > 0 &&
       table_.CountTenant(tenant) + static_cast<int32_t>(ids.size()) >
           options_.max_sequences_per_tenant) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "tenant quota: ", table_.CountTenant(tenant), " sequences open, ", ids.size(),
-        " asked, max_sequences_per_tenant=", options_.max_sequences_per_tenant));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant quota: ", table_.CountTenant(tenant), " sequences open, ", ids.size(),
+                     " asked, max_sequences_per_tenant=", options_.max_sequences_per_tenant));
   }
   if (conv_pool_.free() < static_cast<int32_t>(ids.size())) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence table is full: ", ids.size(), " sequences asked, ", conv_pool_.free(),
-        " free of max_sequences=", options_.max_sequences));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("sequence table is full: ", ids.size(), " sequences asked, ",
+                     conv_pool_.free(), " free of max_sequences=", options_.max_sequences));
   }
   std::vector<int32_t> slots;
   for (uint64_t id : ids) {
@@ -351,9 +329,18 @@ absl::Status Engine::ValidateActivations(const LayerCall& call, int64_t total_to
     }
     *stage = TakeInputStage(bytes);
   }
+  if (!check_values_) {
+    // The backend refuses bad values itself, with the same messages.
+    for (int i = 0; i < 3; ++i) inputs[i] = tensors[i]->data;
+    return absl::OkStatus();
+  }
   for (int i = 0; i < 3; ++i) {
     void* copy_to = *stage != nullptr ? (*stage)->data + at[i] : nullptr;
-    if (absl::Status s = CheckActivationValues(names[i], *tensors[i], copy_to); !s.ok()) return s;
+    if (absl::Status s = CheckActivationValues(names[i], tensors[i]->dtype, tensors[i]->data,
+                                               tensors[i]->size_bytes / DTypeSize(dtype), copy_to);
+        !s.ok()) {
+      return s;
+    }
     inputs[i] = copy_to != nullptr ? copy_to : tensors[i]->data;
   }
   return absl::OkStatus();
@@ -373,11 +360,11 @@ absl::StatusOr<LayerResult> Engine::Replay(const LayerCall& call, std::span<Sequ
   for (size_t i = 0; i < seqs.size(); ++i) {
     const ReplayEntry& r = seqs[i]->replay;
     if (!r.outputs_kept) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequences[", i, "]: this call was already applied to sequence ", seqs[i]->id,
-          " at position ", r.position, " on layer ", r.layer,
-          ", and outputs of calls over replay_max_tokens=", options_.replay_max_tokens,
-          " tokens are not kept"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequences[", i, "]: this call was already applied to sequence ",
+                       seqs[i]->id, " at position ", r.position, " on layer ", r.layer,
+                       ", and outputs of calls over replay_max_tokens=", options_.replay_max_tokens,
+                       " tokens are not kept"));
     }
     const size_t n = static_cast<size_t>(r.num_tokens) * out_elems;
     const uint8_t* kept = r.block->data + r.out_offset;
@@ -414,17 +401,17 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
           absl::StrCat("sequences[", i, "].num_tokens must be 1 for DecodeStep, got ", t));
     }
     if (kind == StepKind::kVerify && (t < 1 || t > options_.max_drafts)) {
-      return absl::InvalidArgumentError(absl::StrCat("sequences[", i,
-                                                     "].num_tokens must be in [1, max_drafts=",
-                                                     options_.max_drafts, "], got ", t));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequences[", i, "].num_tokens must be in [1, max_drafts=", options_.max_drafts,
+          "], got ", t));
     }
     if (kind == StepKind::kPrefill && (t < 1 || t > (1 << 24))) {
       return absl::InvalidArgumentError(
           absl::StrCat("sequences[", i, "].num_tokens must be in [1, 16777216], got ", t));
     }
     if (call.sequences[i].position < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("sequences[", i, "].position must be >= 0, got ",
-                                                     call.sequences[i].position));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequences[", i, "].position must be >= 0, got ", call.sequences[i].position));
     }
     total_tokens += t;
   }
@@ -460,8 +447,8 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
             absl::StrCat("sequences[", i, "].id repeats sequence ", id));
       }
       if (s == nullptr) {
-        return absl::NotFoundError(absl::StrCat("sequences[", i, "].id: sequence ", id,
-                                                " is not open"));
+        return absl::NotFoundError(
+            absl::StrCat("sequences[", i, "].id: sequence ", id, " is not open"));
       }
       s->visit = stamp;
       seqs[i] = s;
@@ -491,14 +478,14 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
     const LayerCursor& c = seqs[i]->layers[call.layer];
     const SequenceTokens& st = call.sequences[i];
     if (c.position != st.position) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequences[", i, "].position is ", st.position, " but sequence ", st.id,
-          " is at position ", c.position, " on layer ", call.layer));
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequences[", i, "].position is ", st.position, " but sequence ", st.id,
+                       " is at position ", c.position, " on layer ", call.layer));
     }
     if (c.pending != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequence ", st.id, " has ", c.pending, " uncommitted drafts on layer ", call.layer,
-          " at position ", c.position, "; call CommitDrafts first"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence ", st.id, " has ", c.pending, " uncommitted drafts on layer ",
+                       call.layer, " at position ", c.position, "; call CommitDrafts first"));
     }
   }
   // Plan every item and count what must be allocated.
@@ -550,14 +537,14 @@ absl::StatusOr<LayerResult> Engine::RunLayer(const LayerCall& call, StepKind kin
     token_offset += t;
   }
   if (new_states > state_pool_.free()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "state pool is full: ", rpc, " needs ", new_states, " new state slots, ",
-        state_pool_.free(), " free of state_slots=", options_.state_slots));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("state pool is full: ", rpc, " needs ", new_states, " new state slots, ",
+                     state_pool_.free(), " free of state_slots=", options_.state_slots));
   }
   if (new_pages > page_pool_.free()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "buffer page pool is full: ", rpc, " needs ", new_pages, " new pages, ",
-        page_pool_.free(), " free of buffer_pages=", options_.buffer_pages));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("buffer page pool is full: ", rpc, " needs ", new_pages, " new pages, ",
+                     page_pool_.free(), " free of buffer_pages=", options_.buffer_pages));
   }
   // The outputs land in an output block that the replay records then share.
   const size_t out_row_bytes = static_cast<size_t>(m.out_elems()) * DTypeSize(call.out_dtype);
@@ -681,8 +668,8 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
       return absl::InvalidArgumentError(absl::StrCat("items[", i, "].id repeats sequence ", ci.id));
     }
     if (s == nullptr) {
-      return absl::NotFoundError(absl::StrCat("items[", i, "].id: sequence ", ci.id,
-                                              " is not open"));
+      return absl::NotFoundError(
+          absl::StrCat("items[", i, "].id: sequence ", ci.id, " is not open"));
     }
     s->visit = stamp;
     if (ci.accepted < 0) {
@@ -705,19 +692,19 @@ absl::Status Engine::CommitDrafts(const std::string& tenant, const std::vector<C
     for (int32_t l = 0; l < num_layers; ++l) {
       const LayerCursor& c = s->layers[l];
       if (c.pending == 0) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "items[", i, "]: sequence ", ci.id, " has no drafts pending on layer ", l,
-            " (VerifyDrafts must run on every layer before CommitDrafts)"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("items[", i, "]: sequence ", ci.id, " has no drafts pending on layer ", l,
+                         " (VerifyDrafts must run on every layer before CommitDrafts)"));
       }
       if (c.pending != drafts) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "items[", i, "]: sequence ", ci.id, " has ", c.pending, " drafts pending on layer ", l,
-            " but ", drafts, " on layer 0"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("items[", i, "]: sequence ", ci.id, " has ", c.pending,
+                         " drafts pending on layer ", l, " but ", drafts, " on layer 0"));
       }
       if (c.position != ci.position) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "items[", i, "].position is ", ci.position, " but sequence ", ci.id,
-            " is at position ", c.position, " on layer ", l));
+        return absl::FailedPreconditionError(
+            absl::StrCat("items[", i, "].position is ", ci.position, " but sequence ", ci.id,
+                         " is at position ", c.position, " on layer ", l));
       }
     }
     if (ci.accepted > drafts) {
@@ -773,9 +760,9 @@ absl::Status Engine::Flush(const std::string& tenant, const std::vector<uint64_t
     bool needs_fold = false;
     for (size_t l = 0; l < s->layers.size(); ++l) {
       if (s->layers[l].pending != 0) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "sequence ", ids[i], " has ", s->layers[l].pending, " uncommitted drafts on layer ", l,
-            "; call CommitDrafts first"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("sequence ", ids[i], " has ", s->layers[l].pending,
+                         " uncommitted drafts on layer ", l, "; call CommitDrafts first"));
       }
       needs_fold = needs_fold || s->layers[l].buffer_rows > 0;
     }
@@ -783,9 +770,9 @@ absl::Status Engine::Flush(const std::string& tenant, const std::vector<uint64_t
     seqs.push_back(s);
   }
   if (new_states > state_pool_.free()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "state pool is full: Flush needs ", new_states, " new state slots, ", state_pool_.free(),
-        " free of state_slots=", options_.state_slots));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("state pool is full: Flush needs ", new_states, " new state slots, ",
+                     state_pool_.free(), " free of state_slots=", options_.state_slots));
   }
   std::vector<std::pair<Sequence*, int32_t>> fresh;
   for (Sequence* s : seqs) {

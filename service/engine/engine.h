@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "service/engine/activation_check.h"
 #include "service/engine/backend.h"
 #include "service/engine/capacity.h"
 #include "service/engine/engine_options.h"
@@ -45,8 +46,8 @@ struct LayerCall {
 // Outputs of a per-layer call: out is [total_tokens, HV, V].
 struct LayerResult {
   Tensor out;
-  bool replayed = false;              // the call had been applied already; outputs are the same
-  std::vector<int64_t> positions;     // each sequence's committed position on the layer after
+  bool replayed = false;           // the call had been applied already; outputs are the same
+  std::vector<int64_t> positions;  // each sequence's committed position on the layer after
 };
 
 // Accepted prefix of one sequence's pending drafts.
@@ -63,7 +64,7 @@ struct SequenceInfo {
   int32_t pending_drafts = 0;      // tentative rows on layers that verified
   bool has_state = false;
   int32_t buffer_pages = 0;
-  int64_t bytes = 0;               // pool bytes this sequence holds
+  int64_t bytes = 0;  // pool bytes this sequence holds
 };
 
 // The key of one open sequence: its tenant's namespace and its client-chosen id.
@@ -72,13 +73,7 @@ struct SequenceKey {
   uint64_t id = 0;
 };
 
-// Activations (qkv, a, b) must be finite and of magnitude below 2^kActivationMagnitudeLog2;
-// others are INVALID_ARGUMENT naming the field, the element and the bound. The bound keeps every
-// fp32 intermediate (conv, L2 norms, state, outputs) far from overflow and is orders of magnitude
-// above any real projection output; every FP16 value is below it.
-inline constexpr int kActivationMagnitudeLog2 = 20;
-inline constexpr float kMaxActivationMagnitude = 1048576.0f;  // 2^20
-static_assert(kMaxActivationMagnitude == float(1 << kActivationMagnitudeLog2));
+// The activation value rule (kActivationMagnitudeLog2) is in activation_check.h.
 
 // Everything GetServerInfo reports.
 struct EngineInfo {
@@ -203,6 +198,7 @@ class Engine {
   // Input staging (backends that prefer their host memory for activations): one block per call
   // in flight, taken before mu_ so that checks of concurrent calls still overlap.
   bool stage_inputs_ = false;
+  bool check_values_ = true;  // false when the backend checks activation values itself
   absl::Mutex stage_mu_;
   std::vector<HostBlock*> free_stages_ ABSL_GUARDED_BY(stage_mu_);
   absl::Time (*now_)() = &absl::Now;
