@@ -3,8 +3,10 @@
 // device activations ordered on a caller stream; outputs and states must agree.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -128,6 +130,109 @@ TEST(CudaDeviceStep, MatchesHostStep) {
   EXPECT_LE(worst, 1e-6);
   for (void* p : {d_qkv, d_a, d_b, d_out}) KVB_CK(cudaFree(p));
   KVB_CK(cudaStreamDestroy(user));
+}
+
+// Host steps download outputs LayerStep::out_row_stride bytes apart (how a tensor-parallel rank
+// lands its heads inside the full output): into page-locked memory directly, into plain memory
+// through the bounce buffer; the bytes between rows stay untouched.
+TEST(CudaHostStep, OutputRowStrideMatchesDenseOutputs) {
+  KVB_REQUIRE_GPU();
+  ModelConfig m;
+  ASSERT_TRUE(ModelPreset("small", &m));
+  PoolSizes sz;
+  sz.state_slots = 2;
+  sz.buffer_pages = 8;
+  sz.page_tokens = 4;
+  sz.conv_slots = 2;
+  sz.max_drafts = 4;
+  const std::vector<LayerParams> params = MakeAllLayerParams(m);
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> nd;
+  constexpr int32_t T = 5;
+  std::vector<float> qkv(static_cast<size_t>(T) * m.channels()), a(T * m.num_v_heads),
+      b(T * m.num_v_heads);
+  for (auto* v : {&qkv, &a, &b}) {
+    for (float& x : *v) x = nd(rng);
+  }
+  const std::vector<int32_t> pages = {0, 1};
+  const std::vector<StepItem> items = {{0, T, 0, true, false, 0, false, 0, 0, 0, 2}};
+  const size_t row = static_cast<size_t>(m.out_elems());  // floats
+  std::vector<float> dense(T * row);
+  float* pinned = nullptr;
+  KVB_CK(cudaHostAlloc(reinterpret_cast<void**>(&pinned), 3 * T * row * 4, cudaHostAllocDefault));
+  std::vector<float> plain(3 * T * row);
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(variant);  // 0: dense, 1: strided into page-locked, 2: strided into plain memory
+    auto backend = MakeCudaBackend(0);
+    ASSERT_TRUE(backend->TakesOutputRowStride());
+    ASSERT_TRUE(backend->Allocate(m, params, sz).ok());
+    ASSERT_TRUE(backend->ResetConv(std::vector<int32_t>{0, 1}).ok());
+    float* out = variant == 0 ? dense.data() : variant == 1 ? pinned : plain.data();
+    if (variant > 0) std::fill(out, out + 3 * T * row, -7.0f);
+    LayerStep st;
+    st.kind = StepKind::kPrefill;
+    st.items = items;
+    st.page_table = pages;
+    st.qkv = qkv.data();
+    st.a = a.data();
+    st.b = b.data();
+    st.total_tokens = T;
+    st.out = variant == 0 ? out : out + row;  // rows at 3 * row, starting one row in
+    st.out_row_stride = variant == 0 ? 0 : 3 * row * sizeof(float);
+    const absl::Status s = backend->RunLayerStep(st);
+    ASSERT_TRUE(s.ok()) << s;
+    if (variant == 0) continue;
+    for (int32_t t = 0; t < T; ++t) {
+      EXPECT_EQ(std::memcmp(out + (3 * t + 1) * row, dense.data() + t * row, row * 4), 0) << t;
+      EXPECT_EQ(out[3 * t * row], -7.0f);
+      EXPECT_EQ(out[(3 * t + 2) * row + row - 1], -7.0f);
+    }
+    // A stride shorter than a row is refused, naming the field.
+    st.out_row_stride = row * sizeof(float) - 4;
+    EXPECT_EQ(backend->RunLayerStep(st).code(), absl::StatusCode::kInvalidArgument);
+  }
+  KVB_CK(cudaFreeHost(pinned));
+}
+
+// A device that does not finish a call within CudaBackendOptions::sync_timeout turns the call
+// into UNAVAILABLE, and every later call too, instead of blocking (a tensor-parallel group breaks
+// on it rather than hanging the server). A 1 ns timeout makes a long prefill "hang".
+TEST(CudaHostStep, MissedSyncTimeoutIsUnavailableForGood) {
+  KVB_REQUIRE_GPU();
+  ModelConfig m;
+  ASSERT_TRUE(ModelPreset("small", &m));
+  PoolSizes sz;
+  sz.state_slots = 2;
+  sz.buffer_pages = 8;
+  sz.page_tokens = 4;
+  sz.conv_slots = 2;
+  sz.max_drafts = 4;
+  CudaBackendOptions o;
+  o.sync_timeout = absl::Nanoseconds(1);
+  auto backend = MakeCudaBackend(o);
+  ASSERT_TRUE(backend->Allocate(m, MakeAllLayerParams(m), sz).ok());
+  constexpr int32_t T = 16384 + 6;  // a chunked prefill of milliseconds; 6 rows stay buffered
+  std::vector<float> qkv(static_cast<size_t>(T) * m.channels(), 0.25f), a(T * m.num_v_heads, 0.5f),
+      b(T * m.num_v_heads, 0.5f), out(static_cast<size_t>(T) * m.out_elems());
+  const std::vector<int32_t> pages = {0, 1};
+  const std::vector<StepItem> items = {{0, T, 0, true, true, 0, true, 16384, 0, 0, 2}};
+  LayerStep st;
+  st.kind = StepKind::kPrefill;
+  st.items = items;
+  st.page_table = pages;
+  st.qkv = qkv.data();
+  st.a = a.data();
+  st.b = b.data();
+  st.total_tokens = T;
+  st.out = out.data();
+  absl::Status s = backend->RunLayerStep(st);
+  ASSERT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find("did not finish"), std::string::npos) << s;
+  EXPECT_EQ(backend->ResetConv(std::vector<int32_t>{0}).code(), absl::StatusCode::kUnavailable);
+  std::vector<float> state(m.state_elems());
+  EXPECT_EQ(backend->ReadState(0, 0, state.data()).code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(backend->RunLayerStep(st).code(), absl::StatusCode::kUnavailable);
+  cudaDeviceSynchronize();  // let the "hung" work drain before the buffers go
 }
 
 }  // namespace

@@ -169,8 +169,8 @@ struct Round {
 
 // True if the streaming kernels may take this descriptor (kc::StepArgs::stream_begin).
 bool StreamEligible(const kc::StepDesc& d) {
-  return (d.flags & (kc::kFoldAfter | kc::kChunked)) == 0 &&
-         d.num_tokens <= kc::kStreamMaxTokens && d.buffer_rows <= kc::kStreamMaxRows &&
+  return (d.flags & (kc::kFoldAfter | kc::kChunked)) == 0 && d.num_tokens <= kc::kStreamMaxTokens &&
+         d.buffer_rows <= kc::kStreamMaxRows &&
          (d.num_tokens > 0 || (d.flags & kc::kFoldFirst) != 0);
 }
 
@@ -242,6 +242,8 @@ class CudaBackend : public Backend {
   void* AllocateHostBuffer(size_t bytes) override;
   void FreeHostBuffer(void* p) override;
   bool PrefersHostBufferInputs() const override { return true; }
+  // True: host steps download outputs with LayerStep::out_row_stride (not RunLayerStepOnDevice).
+  bool TakesOutputRowStride() const override { return true; }
   // The phases of the RunLayerStep calls so far (CudaBackendOptions::profile).
   CudaStepProfile Profile() const {
     absl::MutexLock lock(&mu_);
@@ -262,6 +264,7 @@ class CudaBackend : public Backend {
   CudaBackendOptions options_;
   mutable absl::Mutex mu_;
   bool allocated_ = false;
+  absl::Status hung_;  // set when a call's device work missed options_.sync_timeout
   ModelConfig config_;
   PoolSizes sizes_;
   PoolElementBytes bytes_;
@@ -435,6 +438,7 @@ kc::LayerWeights CudaBackend::Weights(int32_t layer) const {
 }
 
 absl::Status CudaBackend::CheckReady(int32_t layer) const {
+  if (!hung_.ok()) return hung_;
   if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
   if (layer < 0 || layer >= config_.num_layers) {
     return absl::InvalidArgumentError(
@@ -485,9 +489,28 @@ absl::Status CudaBackend::Send(const Upload& up) {
 }
 
 absl::Status CudaBackend::Finish(const char* what) {
-  const cudaError_t e = cudaStreamSynchronize(stream_);
-  if (e != cudaSuccess) return CudaError(e, what);
-  return absl::OkStatus();
+  if (options_.sync_timeout == absl::InfiniteDuration()) {
+    const cudaError_t e = cudaStreamSynchronize(stream_);
+    if (e != cudaSuccess) return CudaError(e, what);
+    return absl::OkStatus();
+  }
+  // Poll: spin for the first 2 ms (a step's usual wait), then sleep between queries.
+  const absl::Time start = absl::Now();
+  for (int i = 0;; ++i) {
+    const cudaError_t e = cudaStreamQuery(stream_);
+    if (e == cudaSuccess) return absl::OkStatus();
+    if (e != cudaErrorNotReady) return CudaError(e, what);
+    if ((i & 15) != 15) continue;
+    const absl::Duration waited = absl::Now() - start;
+    if (waited > options_.sync_timeout) {
+      hung_ = absl::UnavailableError(absl::StrCat("GPU ", options_.device, " did not finish ", what,
+                                                  " within ",
+                                                  absl::FormatDuration(options_.sync_timeout),
+                                                  "; this backend refuses every call from now on"));
+      return hung_;
+    }
+    if (waited > absl::Milliseconds(2)) absl::SleepFor(absl::Microseconds(20));
+  }
 }
 
 absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
@@ -508,9 +531,10 @@ absl::Status CudaBackend::RunLayerStep(const LayerStep& step) {
     profile_.download_ms += ms[2];
   }
   prof_step_ = false;
-  if (!s.ok() && stream_ != nullptr) {
+  if (!s.ok() && stream_ != nullptr && hung_.ok()) {
     // Transfers may read the caller's (page-locked) activations or write its outputs until the
-    // stream drains: none may outlive the call.
+    // stream drains: none may outlive the call. (A hung device is not waited for: the call
+    // must return, and the backend refuses everything from then on.)
     cudaStreamSynchronize(stream_);
     cudaGetLastError();
   }
@@ -537,7 +561,11 @@ absl::Status CudaBackend::RunLayerStepOnDevice(const LayerStep& step, cudaStream
 
 absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   if (absl::Status s = CheckReady(step.layer); !s.ok()) return s;
-  if (absl::Status s = ValidateLayerStep(config_, sizes_, step); !s.ok()) return s;
+  // Kernels write outputs densely; a row stride applies to the download of host steps.
+  if (absl::Status s = ValidateLayerStep(config_, sizes_, step, /*takes_row_stride=*/!on_device);
+      !s.ok()) {
+    return s;
+  }
   if (step.items.empty()) return absl::OkStatus();
   const bool tensor_core = options_.prefill == CudaPrefillMode::kTensorCore &&
                            kc::ChunkedPrefillSupported(geo_.K, geo_.V);
@@ -821,16 +849,31 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   if (on_device) return absl::OkStatus();
   if (prof_step_) KVB_CUDA_RETURN(cudaEventRecord(prof_[2], stream_));
   const bool direct_out = IsPageLocked(step.out);  // the engine's output buffers: no bounce copy
+  const size_t row = T == 0 ? 0 : out_bytes / T;
+  const size_t stride = step.out_row_stride == 0 ? row : step.out_row_stride;
   if (!direct_out) KVB_CUDA_RETURN(h_out_.Reserve(out_bytes));
-  KVB_CUDA_RETURN(cudaMemcpyAsync(direct_out ? step.out : h_out_.ptr, d_out_.ptr, out_bytes,
-                                  cudaMemcpyDeviceToHost, stream_));
+  if (direct_out && stride != row) {
+    // Rows land `stride` apart (e.g. one shard's heads within the full output).
+    KVB_CUDA_RETURN(cudaMemcpy2DAsync(step.out, stride, d_out_.ptr, row, row, T,
+                                      cudaMemcpyDeviceToHost, stream_));
+  } else {
+    KVB_CUDA_RETURN(cudaMemcpyAsync(direct_out ? step.out : h_out_.ptr, d_out_.ptr, out_bytes,
+                                    cudaMemcpyDeviceToHost, stream_));
+  }
   if (prof_step_) {
     KVB_CUDA_RETURN(cudaEventRecord(prof_[3], stream_));
     prof_enqueued_ = absl::Now();
   }
   if (absl::Status s = Finish("RunLayerStep"); !s.ok()) return s;
   if (direct_out) return absl::OkStatus();
-  std::memcpy(step.out, h_out_.ptr, out_bytes);
+  if (stride == row) {
+    std::memcpy(step.out, h_out_.ptr, out_bytes);
+  } else {
+    for (size_t t = 0; t < T; ++t) {
+      std::memcpy(static_cast<uint8_t*>(step.out) + t * stride,
+                  static_cast<const uint8_t*>(h_out_.ptr) + t * row, row);
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -902,6 +945,7 @@ absl::Status CudaBackend::CommitConv(int32_t layer, std::span<const ConvCommitIt
 
 absl::Status CudaBackend::ResetConv(std::span<const int32_t> conv_slots) {
   absl::MutexLock lock(&mu_);
+  if (!hung_.ok()) return hung_;
   if (!allocated_) return absl::FailedPreconditionError("CudaBackend: Allocate was not called");
   if (absl::Status s = ValidateConvSlots(sizes_, conv_slots); !s.ok()) return s;
   if (conv_slots.empty()) return absl::OkStatus();

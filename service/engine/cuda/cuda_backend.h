@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "absl/time/time.h"
 #include "service/engine/backend.h"
 
 namespace kvbuffer {
@@ -24,6 +25,10 @@ struct CudaBackendOptions {
   int device = 0;
   CudaPrefillMode prefill = CudaPrefillMode::kExact;
   bool profile = false;  // time the phases of every RunLayerStep (GetCudaStepProfile)
+  // A call whose device work has not finished after this long returns UNAVAILABLE, and so does
+  // every later call (the device hangs; e.g. a tensor-parallel rank then breaks its group
+  // instead of hanging the server). Infinite: wait as long as it takes.
+  absl::Duration sync_timeout = absl::InfiniteDuration();
 };
 
 // Where the time of a CUDA backend's RunLayerStep calls went, summed over the calls since the
@@ -51,10 +56,10 @@ std::unique_ptr<Backend> MakeCudaBackend(int device);
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options);
 
 #define KVB_CUDA_BACKEND_DEVICE_STEP 1
-// Like RunLayerStep, but step.qkv/a/b/out are device pointers on the backend's GPU (256-byte aligned,
-// same layouts/dtypes) and the work is ordered on `stream` (cudaStream_t): starts after work already
-// on it; out is complete when `stream` reaches the return point. No host sync (launch errors only).
-// items/page_table stay host spans. UNIMPLEMENTED if `backend` is not a CudaBackend.
+// Like RunLayerStep, but step.qkv/a/b/out are device pointers on the backend's GPU (256-byte
+// aligned, same layouts/dtypes) and the work is ordered on `stream` (cudaStream_t): starts after
+// work already on it; out is complete when `stream` reaches the return point. No host sync (launch
+// errors only). items/page_table stay host spans. UNIMPLEMENTED if `backend` is not a CudaBackend.
 absl::Status RunLayerStepOnDevice(Backend& backend, const LayerStep& step, void* stream);
 
 }  // namespace kvbuffer
