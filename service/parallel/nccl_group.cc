@@ -49,6 +49,9 @@ absl::StatusOr<std::unique_ptr<TpBackend>> MakeNcclGroupInProcess(const std::vec
     if (!c.ok()) return c.status();
     computes.push_back(*std::move(c));
   }
+  // Direct host steps copy each rank's slice into page-locked memory (portable: every GPU of the
+  // process transfers from it directly).
+  options.tp.direct_scratch_allocator = PinnedHostAllocator();
   return MakeInProcessTpBackend(*std::move(transports), std::move(computes), std::move(options.tp));
 }
 

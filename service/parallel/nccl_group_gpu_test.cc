@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -69,9 +70,12 @@ DeviceStepFn DeviceStep(const std::string& kind) {
   return nullptr;
 }
 
-NcclGroupOptions GroupOptions(const std::string& kind, size_t command_bytes) {
+// direct: host steps go straight to each rank's backend (the default of mode A); false: every
+// step takes the NCCL rank protocol (mode B's path).
+NcclGroupOptions GroupOptions(const std::string& kind, size_t command_bytes, bool direct) {
   NcclGroupOptions o;
   o.tp.command_bytes = command_bytes;
+  o.tp.direct_host_steps = direct;
   o.tp.op_timeout = absl::Seconds(20);
   o.tp.heartbeat_interval = absl::Milliseconds(200);
   o.tp.idle_timeout = absl::Seconds(10);
@@ -98,7 +102,7 @@ class ModeATest : public ::testing::TestWithParam<size_t> {};
 
 TEST_P(ModeATest, CpuShardsOverNcclAreBitExact) {
   KVB_NEED_TWO_GPUS();
-  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions("cpu", GetParam()));
+  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions("cpu", GetParam(), /*direct=*/false));
   ASSERT_TRUE(group.ok()) << group.status();
   testing::TwinEngines twin;
   ASSERT_NO_FATAL_FAILURE(
@@ -109,30 +113,90 @@ TEST_P(ModeATest, CpuShardsOverNcclAreBitExact) {
 // 64 KiB: small calls in one broadcast; 1 KiB: metadata and activations in round B.
 INSTANTIATE_TEST_SUITE_P(CommandBlocks, ModeATest, ::testing::Values(64 << 10, 1 << 10));
 
-#if defined(KVB_TP_HAVE_CUDA_BACKEND)
-TEST(ModeACudaTest, CudaShardsMatchOneGpu) {
+TEST(ModeADirectTest, CpuShardsWithDirectHostStepsAreBitExact) {
   KVB_NEED_TWO_GPUS();
-  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions("cuda", 64 << 10));
+  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions("cpu", 8 << 10, /*direct=*/true));
+  ASSERT_TRUE(group.ok()) << group.status();
+  testing::TwinEngines twin;
+  ASSERT_NO_FATAL_FAILURE(
+      twin.Init(testing::TwinOptions(DType::kFloat32), MakeCpuBackend(), *std::move(group)));
+  RunAllScenarios(twin);
+}
+
+#if defined(KVB_TP_HAVE_CUDA_BACKEND)
+class ModeACudaTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ModeACudaTest, CudaShardsMatchOneGpu) {
+  KVB_NEED_TWO_GPUS();
+  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions("cuda", 64 << 10, GetParam()));
   ASSERT_TRUE(group.ok()) << group.status();
   testing::TwinEngines twin;
   ASSERT_NO_FATAL_FAILURE(twin.Init(testing::TwinOptions(DType::kFloat32), MakeCudaBackend(0),
                                     *std::move(group), /*tolerance=*/1e-5));
   RunAllScenarios(twin);
-  std::printf("TP=2 vs TP=1 (CUDA): worst relative difference %.3g\n", twin.worst());
+  std::printf("TP=2 vs TP=1 (CUDA, %s): worst relative difference %.3g\n",
+              GetParam() ? "direct host steps" : "steps through the protocol", twin.worst());
+}
+
+INSTANTIATE_TEST_SUITE_P(DirectOrProtocol, ModeACudaTest, ::testing::Bool());
+
+// Mode A, direct host steps: a rank whose GPU does not finish in time (CudaBackendOptions::
+// sync_timeout; 1 ns makes rank 1 "hang" on its first real work) turns into an error on that call
+// and a broken group (health, on_broken), never a hung caller; later calls fail at once.
+TEST(ModeACudaTest, HungRankGpuBreaksTheGroupInsteadOfHanging) {
+  KVB_NEED_TWO_GPUS();
+  NcclGroupOptions g = GroupOptions("cuda", 64 << 10, /*direct=*/true);
+  g.make_backend = [](int32_t rank, int device) {
+    CudaBackendOptions o;
+    o.device = device;
+    if (rank == 1) o.sync_timeout = absl::Nanoseconds(1);
+    return MakeCudaBackend(o);
+  };
+  std::atomic<int> broken_calls{0};
+  g.tp.on_broken = [&broken_calls](const absl::Status&) { ++broken_calls; };
+  auto group = MakeNcclGroupInProcess({0, 1}, std::move(g));
+  ASSERT_TRUE(group.ok()) << group.status();
+  TpBackend* tp = group->get();
+  EngineOptions o = testing::TwinOptions(DType::kFloat32);
+  auto engine = Engine::Create(o, *std::move(group));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const ModelConfig& m = o.model;
+  constexpr int64_t T = 4096;
+  std::vector<float> qkv(T * m.channels(), 0.25f), ab(T * m.num_v_heads, 0.5f);
+  LayerCall call;
+  call.sequences = {{1, 0, static_cast<int32_t>(T)}};
+  call.qkv = {DType::kFloat32, {T, m.channels()}, qkv.data(), qkv.size() * 4};
+  call.a = {DType::kFloat32, {T, m.num_v_heads}, ab.data(), ab.size() * 4};
+  call.b = call.a;
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status first = (*engine)->Open("", {1});
+  if (first.ok()) first = (*engine)->Prefill(call).status();
+  ASSERT_FALSE(first.ok());
+  EXPECT_TRUE(first.code() == absl::StatusCode::kUnavailable ||
+              first.code() == absl::StatusCode::kInternal)
+      << first;
+  EXPECT_FALSE(tp->Health().ok());
+  EXPECT_EQ(broken_calls.load(), 1);
+  const absl::Status later = (*engine)->Prefill(call).status();
+  EXPECT_FALSE(later.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  std::printf("hung rank: first error %s; later %s\n", first.ToString().c_str(),
+              later.ToString().c_str());
 }
 #endif
 
 // The engine's typed suite (fp64 oracle, retries, errors, admission) over 2 ranks on 2 GPUs.
-std::unique_ptr<Backend> MakeGroup(const std::string& kind) {
+std::unique_ptr<Backend> MakeGroup(const std::string& kind, bool direct) {
   if (VisibleGpus() < 2 || (kind == "cuda" && MakeShardBackend("cuda", 0) == nullptr)) {
     return nullptr;  // the suite skips
   }
-  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions(kind, 8 << 10));
+  auto group = MakeNcclGroupInProcess({0, 1}, GroupOptions(kind, 8 << 10, direct));
   EXPECT_TRUE(group.ok()) << group.status();
   return group.ok() ? std::unique_ptr<Backend>(*std::move(group)) : nullptr;
 }
-std::unique_ptr<Backend> MakeCpuGroup() { return MakeGroup("cpu"); }
-std::unique_ptr<Backend> MakeCudaGroup() { return MakeGroup("cuda"); }
+std::unique_ptr<Backend> MakeCpuGroup() { return MakeGroup("cpu", false); }
+std::unique_ptr<Backend> MakeCudaGroup() { return MakeGroup("cuda", true); }
+std::unique_ptr<Backend> MakeCudaGroupProtocol() { return MakeGroup("cuda", false); }
 
 }  // namespace
 
@@ -140,6 +204,8 @@ namespace testing_suite {
 using ::kvbuffer::testing::EngineSuite;
 INSTANTIATE_TEST_SUITE_P(NcclCpuShards2, EngineSuite, ::testing::Values(&MakeCpuGroup));
 INSTANTIATE_TEST_SUITE_P(NcclCudaShards2, EngineSuite, ::testing::Values(&MakeCudaGroup));
+INSTANTIATE_TEST_SUITE_P(NcclCudaShards2Protocol, EngineSuite,
+                         ::testing::Values(&MakeCudaGroupProtocol));
 }  // namespace testing_suite
 
 namespace {
@@ -175,7 +241,7 @@ TEST(ModeBTest, WorkerProcessOverNcclIsBitExactAndLeavesOnShutdown) {
   Child child = SpawnWorker(*id, "cpu", 4 << 10);
   ASSERT_GT(child.pid, 0);
   {
-    auto leader = MakeNcclGroupLeader(*id, 2, 0, GroupOptions("cpu", 4 << 10));
+    auto leader = MakeNcclGroupLeader(*id, 2, 0, GroupOptions("cpu", 4 << 10, false));
     ASSERT_TRUE(leader.ok()) << leader.status();
     testing::TwinEngines twin;
     ASSERT_NO_FATAL_FAILURE(
@@ -191,7 +257,7 @@ TEST(ModeBTest, KilledWorkerTurnsIntoUnavailableNotAHang) {
   ASSERT_TRUE(id.ok()) << id.status();
   Child child = SpawnWorker(*id, "cpu", 64 << 10);
   ASSERT_GT(child.pid, 0);
-  NcclGroupOptions o = GroupOptions("cpu", 64 << 10);
+  NcclGroupOptions o = GroupOptions("cpu", 64 << 10, false);
   o.tp.op_timeout = absl::Seconds(5);
   std::atomic<int> broken{0};
   o.tp.on_broken = [&broken](const absl::Status&) { ++broken; };
@@ -226,7 +292,7 @@ TEST(ModeBTest, KilledWorkerTurnsIntoUnavailableNotAHang) {
 // The child side of mode B: rank 1 on GPU 1 until shutdown.
 int WorkerMain(const std::string& hex_id, const std::string& kind, size_t command_bytes) {
   const std::string id = absl::HexStringToBytes(hex_id);
-  absl::Status s = RunNcclGroupWorker(id, 1, 2, 1, GroupOptions(kind, command_bytes));
+  absl::Status s = RunNcclGroupWorker(id, 1, 2, 1, GroupOptions(kind, command_bytes, false));
   if (!s.ok()) std::fprintf(stderr, "tp worker: %s\n", s.ToString().c_str());
   return s.ok() ? 0 : 1;
 }

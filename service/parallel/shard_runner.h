@@ -1,8 +1,10 @@
 // Runs one function per shard, either all on the calling thread or concurrently on one thread per
 // shard (shard 0 on the caller), and returns when every shard is done. Threads are started once;
-// a call allocates nothing.
+// a call allocates nothing. Concurrent runs hand work over by spinning briefly before sleeping, so
+// that back-to-back steps do not pay a thread wake-up each.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -29,15 +31,20 @@ class ShardRunner {
   // Number of shards.
   int32_t num_shards() const { return num_shards_; }
 
+  // True if the shards of one Run execute at the same time on different threads (then they may
+  // wait for each other inside fn).
+  bool concurrent() const { return !workers_.empty(); }
+
  private:
   void WorkerLoop(int32_t shard);
 
   const int32_t num_shards_;
   absl::Mutex mu_;
   const absl::FunctionRef<void(int32_t)>* task_ ABSL_GUARDED_BY(mu_) = nullptr;
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-  int32_t pending_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Written under mu_, also read without it by spinning threads.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int32_t> pending_{0};
   std::vector<std::thread> workers_;
 };
 

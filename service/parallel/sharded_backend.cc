@@ -44,13 +44,10 @@ ShardedBackend::ShardedBackend(ShardedBackendOptions options,
     : options_(std::move(options)),
       children_(std::move(children)),
       runner_(static_cast<int32_t>(children_.size()), options_.concurrent),
+      fanout_(static_cast<int32_t>(children_.size()), options_.copy_threads, options_.concurrent,
+              options_.scratch_allocator),
       statuses_(children_.size()) {
-  scratch_.reserve(children_.size());
-  for (size_t s = 0; s < children_.size(); ++s) {
-    Scratch sc{HostBuffer(options_.scratch_allocator), HostBuffer(options_.scratch_allocator),
-               HostBuffer(options_.scratch_allocator), HostBuffer(options_.scratch_allocator)};
-    scratch_.push_back(std::move(sc));
-  }
+  for (const auto& c : children_) child_ptrs_.push_back(c.get());
 }
 
 ShardedBackend::~ShardedBackend() = default;
@@ -72,16 +69,20 @@ absl::Status ShardedBackend::CheckUsable() const {
 
 absl::Status ShardedBackend::RunAll(absl::FunctionRef<absl::Status(int32_t)> fn) {
   runner_.Run([&](int32_t s) { statuses_[s] = fn(s); });
+  return Combine(statuses_);
+}
+
+absl::Status ShardedBackend::Combine(std::span<const absl::Status> statuses) {
   int32_t failed = 0;
-  for (const absl::Status& s : statuses_) failed += s.ok() ? 0 : 1;
+  for (const absl::Status& s : statuses) failed += s.ok() ? 0 : 1;
   if (failed == 0) return absl::OkStatus();
-  if (failed == num_shards()) return statuses_[0];  // the same refusal everywhere: nothing changed
+  if (failed == num_shards()) return statuses[0];  // the same refusal everywhere: nothing changed
   // Some shards applied the call and some did not: their pools no longer describe one model.
   int32_t bad = 0;
-  while (statuses_[bad].ok()) ++bad;
+  while (statuses[bad].ok()) ++bad;
   absl::Status broken =
       absl::InternalError(absl::StrCat("tensor-parallel shards diverged (shard ", bad,
-                                       " failed where others succeeded: ", statuses_[bad].message(),
+                                       " failed where others succeeded: ", statuses[bad].message(),
                                        "); the group must be restarted"));
   absl::MutexLock lock(&health_mu_);
   health_ = broken;
@@ -115,6 +116,7 @@ absl::Status ShardedBackend::Allocate(const ModelConfig& config,
   config_ = config;
   shard_configs_.clear();
   for (const HeadShard& shard : shards_) shard_configs_.push_back(ShardModelConfig(config, shard));
+  fanout_.SetShards(config, shards_);
   absl::Status s = RunAll([&](int32_t i) {
     return children_[i]->Allocate(shard_configs_[i],
                                   ShardAllLayerParams(config, shards_[i], params), sizes);
@@ -137,38 +139,15 @@ absl::Status ShardedBackend::RunLayerStep(const LayerStep& step) {
   if (step.total_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("total_tokens ", step.total_tokens, " < 0"));
   }
-  const bool has_tokens = !step.items.empty() && step.total_tokens > 0;
   if (!step.items.empty() &&
       (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr)) {
     return absl::InvalidArgumentError("qkv, a, b and out must not be null");
   }
-  const size_t in_size = DTypeSize(step.in_dtype);
-  const size_t out_size = DTypeSize(step.out_dtype);
-  const int64_t T = step.total_tokens;
-  return RunAll([&](int32_t i) -> absl::Status {
-    const HeadShard& shard = shards_[i];
-    const ModelConfig& sc = shard_configs_[i];
-    LayerStep sub = step;
-    Scratch& scratch = scratch_[i];
-    if (has_tokens) {
-      void* qkv = scratch.qkv.Reserve(static_cast<size_t>(T) * sc.channels() * in_size);
-      void* a = scratch.a.Reserve(static_cast<size_t>(T) * sc.num_v_heads * in_size);
-      void* b = scratch.b.Reserve(static_cast<size_t>(T) * sc.num_v_heads * in_size);
-      void* out = scratch.out.Reserve(static_cast<size_t>(T) * sc.out_elems() * out_size);
-      if (qkv == nullptr || a == nullptr || b == nullptr || out == nullptr) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("shard ", i, ": cannot allocate host scratch for ", T, " tokens"));
-      }
-      SliceActivations(config_, shard, in_size, T, step.qkv, step.a, step.b, qkv, a, b);
-      sub.qkv = qkv;
-      sub.a = a;
-      sub.b = b;
-      sub.out = out;
-    }
-    if (absl::Status s = children_[i]->RunLayerStep(sub); !s.ok()) return s;
-    if (has_tokens) PlaceShardOutputs(config_, shard, out_size, T, sub.out, step.out);
-    return absl::OkStatus();
-  });
+  if (absl::Status s = fanout_.Run(step, child_ptrs_, {}, options_.check_values_in_shards);
+      !s.ok()) {
+    return s;
+  }
+  return Combine(fanout_.statuses());
 }
 
 absl::Status ShardedBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> items,

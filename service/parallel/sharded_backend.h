@@ -19,6 +19,7 @@
 #include "service/engine/backend.h"
 #include "service/parallel/head_shard.h"
 #include "service/parallel/host_buffer.h"
+#include "service/parallel/host_step_fanout.h"
 #include "service/parallel/shard_runner.h"
 
 namespace kvbuffer::parallel {
@@ -35,6 +36,11 @@ struct ShardedBackendOptions {
   // Host scratch for the sliced activations and shard outputs (page-locked memory for device
   // children makes their copies direct).
   HostAllocator scratch_allocator = HeapAllocator();
+  // Each shard checks the activation values of its slice while it copies them (in parallel when
+  // concurrent), instead of the engine scanning them all first (ChecksActivationValues()).
+  bool check_values_in_shards = false;
+  // Threads that copy each shard's slice of a step's activations when concurrent (0: one).
+  int32_t copy_threads = 0;
 };
 
 class ShardedBackend : public Backend {
@@ -52,8 +58,15 @@ class ShardedBackend : public Backend {
   absl::Status Allocate(const ModelConfig& config, const std::vector<LayerParams>& params,
                         const PoolSizes& sizes) override;
 
-  // Slices the activations per shard, runs every shard and gathers the outputs in head order.
+  // Slices the activations per shard, runs every shard and gathers the outputs in head order
+  // (HostStepFanout: each shard does its own part of that host work).
   absl::Status RunLayerStep(const LayerStep& step) override;
+
+  // options.check_values_in_shards.
+  bool ChecksActivationValues() const override { return options_.check_values_in_shards; }
+
+  // Where the host time of steps went.
+  HostStepFanoutStats StepStats() const { return fanout_.Stats(); }
 
   // Folds the buffers on every shard.
   absl::Status FoldBuffers(int32_t layer, std::span<const FoldItem> items,
@@ -85,13 +98,10 @@ class ShardedBackend : public Backend {
   explicit ShardedBackend(ShardedBackendOptions options,
                           std::vector<std::unique_ptr<Backend>> children);
 
-  // Per-shard host scratch of one step.
-  struct Scratch {
-    HostBuffer qkv, a, b, out;
-  };
-
   // Runs fn on every shard and folds the per-shard statuses into one (see Health).
   absl::Status RunAll(absl::FunctionRef<absl::Status(int32_t)> fn);
+  // Folds per-shard statuses into one: OK, the common refusal, or the divergence (see Health).
+  absl::Status Combine(std::span<const absl::Status> statuses);
   absl::Status CheckUsable() const;
 
   ShardedBackendOptions options_;
@@ -101,7 +111,8 @@ class ShardedBackend : public Backend {
   ModelConfig config_;
   std::vector<HeadShard> shards_;
   std::vector<ModelConfig> shard_configs_;
-  std::vector<Scratch> scratch_;
+  HostStepFanout fanout_;
+  std::vector<Backend*> child_ptrs_;
   std::vector<absl::Status> statuses_;
   mutable absl::Mutex health_mu_;
   absl::Status health_ ABSL_GUARDED_BY(health_mu_);

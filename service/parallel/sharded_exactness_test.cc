@@ -4,7 +4,9 @@
 // by a ShardedBackend (host slicing) or by the tensor-parallel protocol (TpBackend, rank 0, with
 // worker threads over the in-process transport; small command blocks force the multi-round
 // paths).
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -26,13 +28,18 @@ namespace {
 // kTpDevice: a device-step function (here: sync, then compute on host memory) as the CudaBackend
 // extension would plug in; kTpDeviceUnimplemented: one that answers UNIMPLEMENTED, so the shard
 // falls back to staging.
+// kShardedChecking: concurrent shards that check activation values themselves; kTpDirect: an
+// in-process group whose host steps go straight to every rank's backend (TpOptions::
+// direct_host_steps); the other Tp kinds take the NCCL-style protocol for steps too.
 enum class Kind {
   kSharded,
   kShardedConcurrent,
   kTpInPlace,
   kTpStaged,
   kTpDevice,
-  kTpDeviceUnimplemented
+  kTpDeviceUnimplemented,
+  kShardedChecking,
+  kTpDirect
 };
 
 struct Param {
@@ -41,14 +48,18 @@ struct Param {
   Kind kind = Kind::kSharded;
   size_t command_bytes = 64 << 10;  // TpBackend's command block
   size_t max_block_bytes = 0;       // how far rank 0 may grow it (0: never, keep the rounds)
+  int32_t lanes = 0;                // copy threads per shard of direct/checking steps (0: default)
 };
 
 // The backend under test over n CPU shards.
 std::unique_ptr<Backend> MakeShardedUnderTest(const Param& p) {
-  if (p.kind == Kind::kSharded || p.kind == Kind::kShardedConcurrent) {
+  if (p.kind == Kind::kSharded || p.kind == Kind::kShardedConcurrent ||
+      p.kind == Kind::kShardedChecking) {
     ShardedBackendOptions so;
     so.num_shards = p.n;
-    so.concurrent = p.kind == Kind::kShardedConcurrent;
+    so.concurrent = p.kind != Kind::kSharded;
+    so.check_values_in_shards = p.kind == Kind::kShardedChecking;
+    so.copy_threads = p.lanes;
     so.make_shard = [](int32_t) { return MakeCpuBackend(); };
     auto b = ShardedBackend::Create(std::move(so));
     EXPECT_TRUE(b.ok()) << b.status();
@@ -85,6 +96,8 @@ std::unique_ptr<Backend> MakeShardedUnderTest(const Param& p) {
   o.max_block_bytes = p.max_block_bytes;
   o.heartbeat_interval = absl::Milliseconds(50);
   o.op_timeout = absl::Seconds(30);
+  o.direct_host_steps = p.kind == Kind::kTpDirect;
+  o.direct_copy_threads = p.lanes;
   auto b = MakeInProcessTpBackend(std::move(transports), std::move(computes), std::move(o));
   EXPECT_TRUE(b.ok()) << b.status();
   return b.ok() ? std::unique_ptr<Backend>(*std::move(b)) : nullptr;
@@ -155,12 +168,15 @@ TEST_P(ShardedExactnessTest, MemoryIsTheSameInTotalAndOneNthPerShard) {
 
 std::string ParamName(const ::testing::TestParamInfo<Param>& info) {
   const Param& p = info.param;
-  static const char* const kNames[] = {"Sharded",  "ShardedConcurrent", "TpInPlace",
-                                       "TpStaged", "TpDevice",          "TpDeviceUnimplemented"};
-  const bool tp = p.kind != Kind::kSharded && p.kind != Kind::kShardedConcurrent;
+  static const char* const kNames[] = {
+      "Sharded",  "ShardedConcurrent",     "TpInPlace",       "TpStaged",
+      "TpDevice", "TpDeviceUnimplemented", "ShardedChecking", "TpDirect"};
+  const bool tp = p.kind != Kind::kSharded && p.kind != Kind::kShardedConcurrent &&
+                  p.kind != Kind::kShardedChecking;
   return std::string(kNames[static_cast<int>(p.kind)]) + "_N" + std::to_string(p.n) + "_" +
          DTypeName(p.pool_dtype) + (tp ? "_block" + std::to_string(p.command_bytes) : "") +
-         (p.max_block_bytes > p.command_bytes ? "_grow" + std::to_string(p.max_block_bytes) : "");
+         (p.max_block_bytes > p.command_bytes ? "_grow" + std::to_string(p.max_block_bytes) : "") +
+         (p.lanes > 0 ? "_lanes" + std::to_string(p.lanes) : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -171,6 +187,14 @@ INSTANTIATE_TEST_SUITE_P(
                       Param{2, DType::kBFloat16, Kind::kSharded},
                       Param{2, DType::kFloat32, Kind::kShardedConcurrent},
                       Param{4, DType::kBFloat16, Kind::kShardedConcurrent},
+                      Param{2, DType::kFloat32, Kind::kShardedChecking},
+                      Param{4, DType::kBFloat16, Kind::kShardedChecking, 0, 0, 3},
+                      // Direct host steps of an in-process group (folds, commits and reads
+                      // still take the protocol).
+                      Param{2, DType::kFloat32, Kind::kTpDirect, 4 << 10},
+                      Param{4, DType::kBFloat16, Kind::kTpDirect, 512},
+                      Param{2, DType::kFloat32, Kind::kTpDirect, 4 << 10, 0, 4},
+                      Param{1, DType::kFloat32, Kind::kTpDirect, 4 << 10},
                       // Tensor-parallel protocol: everything inline, metadata inline but inputs
                       // scattered, and everything in round B.
                       Param{2, DType::kFloat32, Kind::kTpInPlace, 64 << 10},
@@ -184,6 +208,75 @@ INSTANTIATE_TEST_SUITE_P(
                       // back at heartbeats) from a window too small for them.
                       Param{2, DType::kFloat32, Kind::kTpDevice, 1 << 10, 1 << 20},
                       Param{4, DType::kBFloat16, Kind::kTpInPlace, 512, 1 << 20}),
+    ParamName);
+
+// Backends that check activation values per shard refuse exactly what the engine refuses, with
+// the engine's message (the first bad element of qkv, then a, then b, counted in the full
+// tensors), whichever shard holds the bad value, and change nothing: the next steps stay exact.
+class ShardValueCheckTest : public ::testing::TestWithParam<Param> {};
+
+TEST_P(ShardValueCheckTest, RefusesLikeTheEngineAndChangesNothing) {
+  testing::TwinEngines twin;
+  twin.Init(testing::TwinOptions(DType::kFloat32), MakeCpuBackend(),
+            MakeShardedUnderTest(GetParam()));
+  ASSERT_TRUE(twin.tp_backend()->ChecksActivationValues());
+  const ModelConfig& m = twin.options().model;
+  twin.Open({1, 2, 3});
+  twin.Step(StepKind::kPrefill, {{1, 9}, {2, 3}, {3, 7}});  // states and buffers on every seq
+  const int32_t kc = m.num_k_heads * m.head_k_dim;
+  // (tensor, element) of the bad value in a 3-token decode call: q of the first key head, k of
+  // the last, v of the last value head (the last shard), and a and b of several heads.
+  const std::vector<std::pair<int, int64_t>> places = {
+      {0, 5},
+      {0, 2 * m.channels() + kc + kc - 1},
+      {0, m.channels() + 2 * kc + m.num_v_heads * m.head_v_dim - 3},
+      {1, 1 * m.num_v_heads + m.num_v_heads - 1},
+      {2, 2 * m.num_v_heads},
+      {1, 0}};
+  const float values[] = {std::numeric_limits<float>::quiet_NaN(),
+                          std::numeric_limits<float>::infinity(), -2.0f * kMaxActivationMagnitude,
+                          kMaxActivationMagnitude};
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    for (const auto& [tensor, element] : places) {
+      for (float bad : values) {
+        if (dtype == DType::kFloat16 && std::isfinite(bad)) continue;  // FP16 cannot hold them
+        SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " tensor " << tensor << " element "
+                                          << element << " value " << bad);
+        const int64_t T = 3;
+        std::string x[3] = {twin.Random(T * m.channels(), dtype),
+                            twin.Random(T * m.num_v_heads, dtype),
+                            twin.Random(T * m.num_v_heads, dtype)};
+        StoreFromFloat(x[tensor].data(), dtype, element, bad);
+        // A second bad value later in qkv must not win over the first one in order.
+        if (tensor == 0) StoreFromFloat(x[0].data(), dtype, T * m.channels() - 1, bad);
+        LayerCall call;
+        call.layer = 1;
+        for (uint64_t id : {1, 2, 3}) call.sequences.push_back({id, twin.Position(id, 1), 1});
+        call.qkv = {dtype, {T, m.channels()}, x[0].data(), x[0].size()};
+        call.a = {dtype, {T, m.num_v_heads}, x[1].data(), x[1].size()};
+        call.b = {dtype, {T, m.num_v_heads}, x[2].data(), x[2].size()};
+        call.out_dtype = DType::kFloat32;
+        const absl::Status want = twin.ref()->DecodeStep(call).status();
+        const absl::Status got = twin.tp()->DecodeStep(call).status();
+        ASSERT_EQ(want.code(), absl::StatusCode::kInvalidArgument) << want;
+        EXPECT_EQ(got, want);
+      }
+    }
+  }
+  twin.CompareStates();
+  // Nothing changed: both engines continue exactly.
+  for (int i = 0; i < 5; ++i) {
+    twin.Step(StepKind::kDecode, {{1, 1}, {2, 1}, {3, 1}}, DType::kBFloat16, DType::kFloat32);
+  }
+  twin.CompareStates();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shards, ShardValueCheckTest,
+    ::testing::Values(Param{2, DType::kFloat32, Kind::kShardedChecking},
+                      Param{4, DType::kFloat32, Kind::kShardedChecking, 0, 0, 2},
+                      Param{2, DType::kFloat32, Kind::kTpDirect, 64 << 10, 0, 3},
+                      Param{4, DType::kFloat32, Kind::kTpDirect}),
     ParamName);
 
 // TpBackend takes the activations from wherever they are: separate caller buffers, one buffer of

@@ -214,6 +214,9 @@ absl::Status TpBackend::Command(CommandHeader& h, MetaWriter write_meta, InputWr
   h.sequence = ++sequence_;
   h.next_block_bytes = static_cast<int64_t>(NextBlockBytes(h));
   last_command_ = absl::Now();
+  for (InProcessWorker& w : workers_) {
+    if (w.doorbell != nullptr) w.doorbell->Ring();
+  }
 
   // Host side of rounds A and B: the header and the metadata.
   uint8_t* block = static_cast<uint8_t*>(*block_host);
@@ -365,6 +368,7 @@ absl::Status TpBackend::Allocate(const ModelConfig& config, const std::vector<La
   config_ = config;
   shards_ = *std::move(shards);
   shard_config_ = ShardModelConfig(config, shards_[0]);
+  if (direct_ != nullptr) direct_->fanout.SetShards(config, shards_);
   CommandHeader h;
   h.op = static_cast<uint32_t>(TpOp::kAllocate);
   PutModel(config, sizes, &h);
@@ -401,6 +405,11 @@ absl::Status TpBackend::RunLayerStep(const LayerStep& step) {
       (step.qkv == nullptr || step.a == nullptr || step.b == nullptr || step.out == nullptr)) {
     return absl::InvalidArgumentError("qkv, a, b and out must not be null");
   }
+  if (step.out_row_stride != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("out_row_stride must be 0 for this backend, got ", step.out_row_stride));
+  }
+  if (direct_ != nullptr) return RunDirectStep(step);
   const bool has_tokens = !step.items.empty() && step.total_tokens > 0;
   const int64_t T = step.total_tokens;
   const size_t in_es = DTypeSize(step.in_dtype);
@@ -477,6 +486,32 @@ absl::Status TpBackend::RunLayerStep(const LayerStep& step) {
   if (!s.ok()) return s;
   if (has_tokens && !direct_out) std::memcpy(step.out, out_host, out_bytes);
   return absl::OkStatus();
+}
+
+absl::Status TpBackend::RunDirectStep(const LayerStep& step) {
+  if (absl::Status s = direct_->fanout.Run(step, direct_->backends, direct_->locks,
+                                           /*check_values=*/true);
+      !s.ok()) {
+    return s;  // refused before any rank ran: nothing changed
+  }
+  const std::span<const absl::Status> statuses = direct_->fanout.statuses();
+  int32_t failed = 0;
+  for (const absl::Status& st : statuses) failed += st.ok() ? 0 : 1;
+  if (failed == 0) return absl::OkStatus();
+  int32_t bad = 0;
+  while (statuses[bad].ok()) ++bad;
+  const absl::StatusCode code = statuses[bad].code();
+  if (failed == world_ && code != absl::StatusCode::kUnavailable &&
+      code != absl::StatusCode::kInternal) {
+    return statuses[0];  // the same refusal on every rank: nothing changed
+  }
+  // A rank whose device failed or hangs, or ranks that disagree: the group is done.
+  return Break(
+      absl::Status(failed == world_ ? code : absl::StatusCode::kInternal,
+                   absl::StrCat("tensor-parallel rank ", bad,
+                                failed == world_ ? " failed a step: "
+                                                 : " failed a step that other ranks applied: ",
+                                statuses[bad].message())));
 }
 
 absl::Status TpBackend::FoldBuffers(int32_t layer, std::span<const FoldItem> items,
@@ -630,11 +665,31 @@ absl::StatusOr<std::unique_ptr<TpBackend>> MakeInProcessTpBackend(
       new TpBackend(std::move(transports[0]), std::move(computes[0]), std::move(options)));
   b->workers_.reserve(transports.size() - 1);
   for (size_t r = 1; r < transports.size(); ++r) {
-    b->workers_.push_back({std::move(transports[r]), std::move(computes[r]), {}, {}});
+    b->workers_.push_back(
+        {std::move(transports[r]), std::move(computes[r]), nullptr, nullptr, {}, {}});
+  }
+  // Every in-process worker waits for a doorbell before it posts a command's receive: no NCCL
+  // operation stays pending on its GPU between commands, so other users of that GPU in this
+  // process (direct host steps, another group, a cudaFree) never wait on one.
+  for (TpBackend::InProcessWorker& w : b->workers_) {
+    w.compute_mu = std::make_unique<absl::Mutex>();
+    w.doorbell = std::make_unique<TpDoorbell>();
+  }
+  if (b->options_.direct_host_steps) {
+    auto d = std::make_unique<TpBackend::DirectSteps>(b->world_, b->options_.direct_copy_threads,
+                                                      b->options_.direct_scratch_allocator);
+    d->backends.push_back(&b->compute_->backend());
+    d->locks.push_back(nullptr);  // rank 0's shard is only driven under the group's lock
+    for (TpBackend::InProcessWorker& w : b->workers_) {
+      d->backends.push_back(&w.compute->backend());
+      d->locks.push_back(w.compute_mu.get());
+    }
+    b->direct_ = std::move(d);
   }
   for (TpBackend::InProcessWorker& w : b->workers_) {
-    w.thread = std::thread(
-        [&w, opts = &b->options_] { w.result = RunTpWorker(*w.transport, *w.compute, *opts); });
+    w.thread = std::thread([&w, opts = &b->options_] {
+      w.result = RunTpWorker(*w.transport, *w.compute, *opts, w.compute_mu.get(), w.doorbell.get());
+    });
   }
   b->StartHeartbeat();
   return b;

@@ -28,12 +28,15 @@
 #include "service/engine/backend.h"
 #include "service/parallel/head_shard.h"
 #include "service/parallel/host_buffer.h"
+#include "service/parallel/host_step_fanout.h"
 #include "service/parallel/shard_compute.h"
+#include "service/parallel/shard_runner.h"
 #include "service/parallel/tp_buffers.h"
 #include "service/parallel/tp_options.h"
 #include "service/parallel/tp_protocol.h"
 #include "service/parallel/tp_rank.h"
 #include "service/parallel/tp_transport.h"
+#include "service/parallel/tp_worker.h"
 
 namespace kvbuffer::parallel {
 
@@ -83,13 +86,22 @@ class TpBackend : public Backend {
   // Frees memory from AllocateHostBuffer.
   void FreeHostBuffer(void* p) override;
 
-  // True: the activations go to rank 0's device in one transfer from the engine's staging and
-  // are sliced per rank there.
-  bool PrefersHostBufferInputs() const override { return true; }
+  // True for the protocol path: the activations go to rank 0's device in one transfer from the
+  // engine's staging and are sliced per rank there. False with direct host steps: each rank
+  // reads its slice from the caller's memory itself.
+  bool PrefersHostBufferInputs() const override { return direct_ == nullptr; }
+
+  // True with direct host steps: each rank checks its slice's values while it copies them.
+  bool ChecksActivationValues() const override { return direct_ != nullptr; }
 
   // OK while the group works; the status that broke it afterwards. Never waits for a command in
   // flight (health checks stay responsive while a rank hangs).
   absl::Status Health() const;
+
+  // Where the host time of direct host steps went (all zero without them).
+  HostStepFanoutStats DirectStepStats() const {
+    return direct_ != nullptr ? direct_->fanout.Stats() : HostStepFanoutStats{};
+  }
 
   // Sends a heartbeat now (also what the heartbeat thread does); the group's health after it.
   absl::Status Ping();
@@ -106,9 +118,24 @@ class TpBackend : public Backend {
   struct InProcessWorker {
     std::unique_ptr<TpTransport> transport;
     std::unique_ptr<ShardCompute> compute;
+    std::unique_ptr<absl::Mutex> compute_mu;  // held by whoever drives `compute`
+    std::unique_ptr<TpDoorbell> doorbell;     // rings before each command (direct host steps)
     std::thread thread;
     absl::Status result;
   };
+
+  // Direct host steps of an in-process group (TpOptions::direct_host_steps): every rank's
+  // backend driven from threads of rank 0, with the worker's lock held.
+  struct DirectSteps {
+    DirectSteps(int32_t world, int32_t copy_threads, HostAllocator scratch)
+        : fanout(world, copy_threads, /*concurrent=*/true, scratch) {}
+    HostStepFanout fanout;
+    std::vector<Backend*> backends;
+    std::vector<absl::Mutex*> locks;
+  };
+
+  // RunLayerStep through DirectSteps.
+  absl::Status RunDirectStep(const LayerStep& step) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   TpBackend(std::unique_ptr<TpTransport> transport, std::unique_ptr<ShardCompute> compute,
             TpOptions options);
@@ -173,6 +200,7 @@ class TpBackend : public Backend {
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   std::thread heartbeat_;
   std::vector<InProcessWorker> workers_;
+  std::unique_ptr<DirectSteps> direct_;  // set once, before the engine sees this backend
   std::string name_;
 };
 

@@ -1,11 +1,17 @@
 // tp_bench: decode step time at batch B on one linear-attention layer with TP = 1 (one GPU) and
 // TP = 2 (two GPUs of this host), in the same run and in lockstep on the same inputs, through the
 // engine (host activations in, host outputs back, as the service pays them):
-//   tp1        Engine over one CudaBackend on GPU 0;
-//   tp2-nccl   Engine over the NCCL group, one process driving both GPUs (mode A): activations
-//              copied once to GPU 0 and scattered with NCCL, outputs gathered with NCCL;
-//   tp2-host   Engine over a ShardedBackend of two CudaBackends (host slicing, no NCCL), for
-//              reference.
+//   tp1          Engine over one CudaBackend on GPU 0 (the engine checks and stages the
+//                activations, with its scan helpers);
+//   tp2          Engine over the NCCL group, one process driving both GPUs (mode A), as the
+//                server runs it: direct host steps, each rank on its own thread copies and
+//                checks its slice, uploads it over its own link, downloads its heads in place;
+//   tp2-protocol the same group with every step through the rank protocol: activations copied
+//                once to GPU 0 and scattered with NCCL, outputs gathered with NCCL (mode B's path);
+//   tp1-fanout   (--tp1_fanout) one CudaBackend behind the same per-rank host path as tp2 (a
+//                ShardedBackend of 1 shard that checks values), to separate path from scaling;
+//   tp2-host     (--host_sliced) a ShardedBackend of two CudaBackends, the tp2 path without an
+//                NCCL group.
 // Every TP = 2 output is checked against TP = 1. Also reports the sequences that fit per GPU at
 // both sizes, and checks it by allocating. Prints a table and writes JSON (--json).
 // NCCL_NVLS_ENABLE=0 is kept (NVLink multicast off).
@@ -18,11 +24,13 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
+#include "service/engine/activation_scan.h"
 #include "service/engine/cuda/cuda_backend.h"
 #include "service/engine/engine.h"
 #include "service/parallel/nccl_group.h"
@@ -35,7 +43,13 @@ ABSL_FLAG(int, flush_interval, 16, "C");
 ABSL_FLAG(int, cycles, 8, "timed flush cycles (steps = cycles * C)");
 ABSL_FLAG(int, prefill, 80, "tokens prefilled per sequence before decoding (gives it a state)");
 ABSL_FLAG(std::string, dtype, "BF16", "activation and output dtype: FP32, FP16 or BF16");
-ABSL_FLAG(bool, host_sliced, true, "also time the host-sliced TP = 2 (no NCCL)");
+ABSL_FLAG(bool, host_sliced, false, "also time a ShardedBackend of 2 GPUs (no NCCL group)");
+ABSL_FLAG(bool, protocol, true, "also time TP = 2 with steps through the NCCL rank protocol");
+ABSL_FLAG(bool, tp1_fanout, false, "also time TP = 1 through the per-rank host path of tp2");
+ABSL_FLAG(int, scan_helpers, -1,
+          "helper threads of the engine's activation scans (tp1's check and staging); -1: default");
+ABSL_FLAG(int, copy_threads, 0,
+          "threads per rank copying activations in tp2 and tp1-fanout (0: the default)");
 ABSL_FLAG(bool, fit_check, true, "check the sequences that fit by allocating");
 ABSL_FLAG(std::string, json, "", "write the results here");
 ABSL_FLAG(bool, profile, false,
@@ -158,6 +172,9 @@ int64_t PerSequenceBytes(const EngineOptions& o, int32_t tp) {
 
 int Run() {
   KeepNvlinkMulticastOff();
+  if (absl::GetFlag(FLAGS_scan_helpers) >= 0) {
+    SetActivationScanHelpers(absl::GetFlag(FLAGS_scan_helpers));
+  }
   int gpus = 0;
   cudaGetDeviceCount(&gpus);
   if (gpus < 2) {
@@ -172,12 +189,22 @@ int Run() {
   const EngineOptions o = Options(B, absl::GetFlag(FLAGS_layers), C);
   const ModelConfig& m = o.model;
   const bool device_step = static_cast<bool>(DeviceStep());
-  std::printf("tp_bench: %s x2, NCCL %s, B=%d, L=%d (layer 0 timed), C=%d, %s, device step %s\n",
-              prop.name, NcclVersionString().c_str(), B, m.num_layers, C, DTypeName(dtype),
-              device_step ? "on" : "off (staged through host)");
+  std::printf(
+      "tp_bench: %s x2, NCCL %s, B=%d, L=%d (layer 0 timed), C=%d, %s, device step %s, %d host "
+      "threads, scan helpers %d, copy threads per rank %d (tp2) %d (tp1-fanout)\n",
+      prop.name, NcclVersionString().c_str(), B, m.num_layers, C, DTypeName(dtype),
+      device_step ? "on" : "off (staged through host)",
+      static_cast<int>(std::thread::hardware_concurrency()), ActivationScanHelpers(),
+      absl::GetFlag(FLAGS_copy_threads) > 0 ? absl::GetFlag(FLAGS_copy_threads)
+                                            : kDefaultFanoutLanes,
+      absl::GetFlag(FLAGS_copy_threads) > 0 ? absl::GetFlag(FLAGS_copy_threads)
+                                            : kDefaultFanoutLanes);
 
   std::vector<Timed> runs;
-  Backend* tp1_backend = nullptr;  // for its profile
+  Backend* tp1_backend = nullptr;        // for its profile
+  std::vector<Backend*> tp2_backends;    // tp2's ranks, for theirs
+  TpBackend* tp2_group = nullptr;        // for its direct-step stats
+  ShardedBackend* tp1_fanout = nullptr;  // for its step stats
   {
     CudaBackendOptions co;
     co.device = 0;
@@ -188,20 +215,48 @@ int Run() {
     if (!e.ok()) return std::fprintf(stderr, "tp1: %s\n", e.status().ToString().c_str()), 1;
     runs.push_back({"tp1", *std::move(e), {}, 0});
   }
-  {
-    NcclGroupOptions g;
-    g.make_backend = [](int32_t, int device) { return MakeCudaBackend(device); };
-    g.device_step = DeviceStep();
-    auto b = MakeNcclGroupInProcess({0, 1}, std::move(g));
-    if (!b.ok()) return std::fprintf(stderr, "tp2-nccl: %s\n", b.status().ToString().c_str()), 1;
+  if (absl::GetFlag(FLAGS_tp1_fanout)) {
+    ShardedBackendOptions so;
+    so.num_shards = 1;
+    so.concurrent = true;
+    so.check_values_in_shards = true;
+    so.copy_threads = absl::GetFlag(FLAGS_copy_threads);
+    so.scratch_allocator = PinnedHostAllocator();
+    so.make_shard = [](int32_t) { return MakeCudaBackend(0); };
+    auto b = ShardedBackend::Create(std::move(so));
+    if (!b.ok()) return std::fprintf(stderr, "tp1-fanout: %s\n", b.status().ToString().c_str()), 1;
+    tp1_fanout = b->get();
     auto e = Engine::Create(o, *std::move(b));
-    if (!e.ok()) return std::fprintf(stderr, "tp2-nccl: %s\n", e.status().ToString().c_str()), 1;
-    runs.push_back({"tp2-nccl", *std::move(e), {}, 0});
+    if (!e.ok()) return std::fprintf(stderr, "tp1-fanout: %s\n", e.status().ToString().c_str()), 1;
+    runs.push_back({"tp1-fanout", *std::move(e), {}, 0});
+  }
+  for (const bool direct : {true, false}) {
+    if (!direct && !absl::GetFlag(FLAGS_protocol)) continue;
+    const char* name = direct ? "tp2" : "tp2-protocol";
+    NcclGroupOptions g;
+    g.make_backend = [direct, &tp2_backends](int32_t, int device) -> std::unique_ptr<Backend> {
+      CudaBackendOptions co;
+      co.device = device;
+      co.profile = direct && absl::GetFlag(FLAGS_profile);
+      std::unique_ptr<Backend> b = MakeCudaBackend(co);
+      if (direct) tp2_backends.push_back(b.get());
+      return b;
+    };
+    g.device_step = DeviceStep();
+    g.tp.direct_host_steps = direct;
+    g.tp.direct_copy_threads = absl::GetFlag(FLAGS_copy_threads);
+    auto b = MakeNcclGroupInProcess({0, 1}, std::move(g));
+    if (!b.ok()) return std::fprintf(stderr, "%s: %s\n", name, b.status().ToString().c_str()), 1;
+    if (direct) tp2_group = b->get();
+    auto e = Engine::Create(o, *std::move(b));
+    if (!e.ok()) return std::fprintf(stderr, "%s: %s\n", name, e.status().ToString().c_str()), 1;
+    runs.push_back({name, *std::move(e), {}, 0});
   }
   if (absl::GetFlag(FLAGS_host_sliced)) {
     ShardedBackendOptions so;
     so.num_shards = 2;
     so.concurrent = true;
+    so.check_values_in_shards = true;
     so.scratch_allocator = PinnedHostAllocator();
     so.make_shard = [](int32_t s) { return MakeCudaBackend(s); };
     auto b = ShardedBackend::Create(std::move(so));
@@ -233,8 +288,16 @@ int Run() {
   const int32_t steps = absl::GetFlag(FLAGS_cycles) * C;
   int64_t position = P;
   CudaStepProfile before;
+  std::vector<CudaStepProfile> tp2_before;
+  HostStepFanoutStats tp2_fan_before, tp1_fan_before;
   for (int32_t s = 0; s < warm + steps; ++s, ++position) {
-    if (s == warm) before = GetCudaStepProfile(*tp1_backend);
+    if (s == warm) {
+      before = GetCudaStepProfile(*tp1_backend);
+      if (tp2_group != nullptr) tp2_fan_before = tp2_group->DirectStepStats();
+      if (tp1_fanout != nullptr) tp1_fan_before = tp1_fanout->StepStats();
+      tp2_before.clear();
+      for (Backend* b : tp2_backends) tp2_before.push_back(GetCudaStepProfile(*b));
+    }
     const LayerCall call = Call(m, B, position, 1, inputs[s % inputs.size()], dtype);
     Tensor reference;
     for (Timed& t : runs) {
@@ -267,13 +330,46 @@ int Run() {
         static_cast<long long>(after.steps - before.steps), Mean(runs[0].ms),
         Mean(runs[0].ms) - host - wait, host, wait, (after.upload_ms - before.upload_ms) / n,
         (after.kernels_ms - before.kernels_ms) / n, (after.download_ms - before.download_ms) / n);
+    // The per-rank host path: copying and checking the slices, then everything to the end of
+    // the ranks' steps; the rest of DecodeStep is the engine's own (lookups, output block, the
+    // result's copy).
+    auto fan = [&](const char* name, const Timed* t, HostStepFanoutStats a,
+                   const HostStepFanoutStats& b) {
+      if (t == nullptr) return;
+      const double k = static_cast<double>(std::max<int64_t>(a.steps - b.steps, 1));
+      std::printf("%s, ms per step: DecodeStep %.4f = engine %.4f + copy/check %.4f + ranks %.4f\n",
+                  name, Mean(t->ms), Mean(t->ms) - (a.total_ms - b.total_ms) / k,
+                  (a.prepare_ms - b.prepare_ms) / k,
+                  (a.total_ms - b.total_ms - a.prepare_ms + b.prepare_ms) / k);
+    };
+    auto find = [&](const char* name) -> const Timed* {
+      for (const Timed& t : runs) {
+        if (t.name == name) return &t;
+      }
+      return nullptr;
+    };
+    if (tp1_fanout != nullptr)
+      fan("tp1-fanout", find("tp1-fanout"), tp1_fanout->StepStats(), tp1_fan_before);
+    if (tp2_group != nullptr) fan("tp2", find("tp2"), tp2_group->DirectStepStats(), tp2_fan_before);
+    // tp2's ranks, each on its own thread: the host work and the device phases of its shard.
+    for (size_t r = 0; r < tp2_backends.size() && r < tp2_before.size(); ++r) {
+      const CudaStepProfile a = GetCudaStepProfile(*tp2_backends[r]);
+      const CudaStepProfile& b = tp2_before[r];
+      const double k = static_cast<double>(std::max<int64_t>(a.steps - b.steps, 1));
+      std::printf(
+          "tp2 rank %zu, ms per step: backend host %.4f + wait %.4f; device: upload %.4f, "
+          "kernels %.4f, download %.4f\n",
+          r, (a.host_ms - b.host_ms) / k, (a.wait_ms - b.wait_ms) / k,
+          (a.upload_ms - b.upload_ms) / k, (a.kernels_ms - b.kernels_ms) / k,
+          (a.download_ms - b.download_ms) / k);
+    }
   }
   const double tp1 = Mean(runs[0].ms);
-  std::printf("\n%-10s %12s %12s %10s %14s\n", "config", "median ms", "mean ms", "vs tp1",
+  std::printf("\n%-12s %12s %12s %10s %14s\n", "config", "median ms", "mean ms", "vs tp1",
               "max rel diff");
   std::string configs;
   for (const Timed& t : runs) {
-    std::printf("%-10s %12.4f %12.4f %10.3f %14.3g\n", t.name.c_str(), Median(t.ms), Mean(t.ms),
+    std::printf("%-12s %12.4f %12.4f %10.3f %14.3g\n", t.name.c_str(), Median(t.ms), Mean(t.ms),
                 Mean(t.ms) / tp1, t.worst_diff);
     configs += absl::StrFormat(
         "%s\n  {\"name\": \"%s\", \"median_ms\": %.5f, \"mean_ms\": %.5f, \"vs_tp1\": %.4f, "

@@ -7,6 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "service/parallel/host_buffer.h"
 
 namespace kvbuffer::parallel {
 
@@ -28,6 +29,16 @@ struct TpOptions {
   // Rank 0: called once, under the group's lock, when the group breaks (mark health NOT_SERVING;
   // do not call back into the backend).
   std::function<void(const absl::Status&)> on_broken;
+  // One process driving every rank (MakeInProcessTpBackend): a step with host activations goes
+  // straight to every rank's backend on its own thread (HostStepFanout): each rank copies and
+  // checks its slice, transfers it to its GPU over its own link, and lands its outputs in their
+  // heads; no GPU-to-GPU traffic is needed for that. false: such steps take the NCCL protocol
+  // like every other command. Ignored when ranks live in other processes.
+  bool direct_host_steps = true;
+  // Host scratch of direct host steps (page-locked memory for GPU ranks makes copies direct).
+  HostAllocator direct_scratch_allocator = HeapAllocator();
+  // Threads per rank that copy and check its slice of a direct host step (0: one).
+  int32_t direct_copy_threads = 0;
 };
 
 }  // namespace kvbuffer::parallel

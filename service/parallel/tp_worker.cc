@@ -1,8 +1,10 @@
 #include "service/parallel/tp_worker.h"
 
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "service/parallel/head_shard.h"
 #include "service/parallel/tp_buffers.h"
 #include "service/parallel/tp_protocol.h"
@@ -13,8 +15,8 @@ namespace {
 
 class Worker {
  public:
-  Worker(TpTransport& t, ShardCompute& c, const TpOptions& o)
-      : t_(t), compute_(c), options_(o), exec_(&t, &c, &o) {}
+  Worker(TpTransport& t, ShardCompute& c, const TpOptions& o, absl::Mutex* mu, TpDoorbell* bell)
+      : t_(t), compute_(c), options_(o), exec_(&t, &c, &o), compute_mu_(mu), doorbell_(bell) {}
 
   absl::Status Run() {
     absl::Status s = Loop();
@@ -36,6 +38,19 @@ class Worker {
     while (true) {
       // Round A: the next command (an idle server sends heartbeats, so silence means trouble).
       // Nothing is in flight here, so the block may grow.
+      if (doorbell_ != nullptr) {
+        // Post the receive only once rank 0 announces the command; meanwhile watch for an
+        // aborted group.
+        const absl::Time give_up = absl::Now() + options_.idle_timeout;
+        while (!doorbell_->WaitFor(expected, absl::Milliseconds(50))) {
+          if (absl::Status th = t_.Health(); !th.ok()) return th;
+          if (absl::Now() > give_up) {
+            return absl::UnavailableError(
+                absl::StrCat("waiting for rank 0: no command for ",
+                             absl::FormatDuration(options_.idle_timeout)));
+          }
+        }
+      }
       absl::StatusOr<void*> block_dev = block_dev_.Reserve(t_, B);
       if (!block_dev.ok()) return block_dev.status();
       absl::Status s = t_.Broadcast(*block_dev, B);
@@ -116,19 +131,24 @@ class Worker {
     uint8_t* payload = static_cast<uint8_t*>(*slot_dev) + sizeof(RankStatus);
 
     absl::Status local;
-    if (static_cast<TpOp>(h.op) == TpOp::kAllocate) {
-      local = Allocate(h, inputs);
-    } else {
-      local = exec_.RunLocal(h, View(meta_), inputs, payload);
+    const TpOp op = static_cast<TpOp>(h.op);
+    {
+      // Rank 0 of an in-process group may also drive this shard's backend (direct host steps).
+      std::optional<absl::MutexLock> lock;
+      if (compute_mu_ != nullptr) lock.emplace(compute_mu_);
+      if (op == TpOp::kAllocate) {
+        local = Allocate(h, inputs);
+      } else {
+        local = exec_.RunLocal(h, View(meta_), inputs, payload);
+      }
+      // Memory figures change only with allocation; refreshing them off the step path keeps a
+      // device query out of every decode step.
+      if (op != TpOp::kStep && op != TpOp::kFold && op != TpOp::kCommitConv) {
+        memory_ = compute_.backend().Memory();
+      }
     }
     if (absl::Status th = t_.Health(); !th.ok()) return th;  // the transport broke under compute
 
-    // Memory figures change only with allocation; refreshing them off the step path keeps a
-    // device query out of every decode step.
-    const TpOp op = static_cast<TpOp>(h.op);
-    if (op != TpOp::kStep && op != TpOp::kFold && op != TpOp::kCommitConv) {
-      memory_ = compute_.backend().Memory();
-    }
     PutStatus(local, rank, h.sequence, memory_, static_cast<RankStatus*>(*status_host));
     absl::Status s = t_.CopyIn(*slot_dev, *status_host, sizeof(RankStatus));
     if (s.ok()) s = InGroup(t_, [&] { return t_.Send(*slot_dev, slot, 0); });
@@ -162,6 +182,8 @@ class Worker {
   ShardCompute& compute_;
   const TpOptions& options_;
   RankExecutor exec_;
+  absl::Mutex* compute_mu_;
+  TpDoorbell* doorbell_;
   DecodedMeta meta_;
   BackendMemory memory_;
   TransportBuffer block_dev_, meta_dev_, in_dev_, slot_dev_;
@@ -170,8 +192,9 @@ class Worker {
 
 }  // namespace
 
-absl::Status RunTpWorker(TpTransport& transport, ShardCompute& compute, const TpOptions& options) {
-  Worker w(transport, compute, options);
+absl::Status RunTpWorker(TpTransport& transport, ShardCompute& compute, const TpOptions& options,
+                         absl::Mutex* compute_mu, TpDoorbell* doorbell) {
+  Worker w(transport, compute, options, compute_mu, doorbell);
   return w.Run();
 }
 

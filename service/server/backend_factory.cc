@@ -121,10 +121,11 @@ absl::StatusOr<ServingBackend> MakeNcclGroup(const BackendChoice& choice,
   group.init_timeout = tp.init_timeout;
   const CudaPrefillMode prefill =
       choice.cuda_prefill == "tensor_core" ? CudaPrefillMode::kTensorCore : CudaPrefillMode::kExact;
-  group.make_backend = [prefill](int32_t, int device) {
+  group.make_backend = [prefill, timeout = tp.op_timeout](int32_t, int device) {
     CudaBackendOptions o;
     o.device = device;
     o.prefill = prefill;
+    o.sync_timeout = timeout;  // a hung rank's GPU breaks the group instead of hanging it
     return MakeCudaBackend(o);
   };
 #if defined(KVB_CUDA_BACKEND_DEVICE_STEP)

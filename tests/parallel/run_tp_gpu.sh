@@ -58,10 +58,26 @@ limit "${GPU_TEST_TIMEOUT:-150}" "$BIN/nccl_group_gpu_test" \
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "nccl_group_gpu_test: FAILED or timed out"; }
 echo "$(grep -c '^\[ *OK *\]' "$OUT/nccl_group_gpu_test.log") test(s) OK"
 
+if [ -x "$BIN/gpu_tests" ]; then
+  # The CudaBackend parts tensor parallelism leans on: strided output rows, the sync timeout.
+  limit 60 "$BIN/gpu_tests" --gtest_filter='CudaHostStep.*:CudaDeviceStep.*' 2>&1 |
+    tee "$OUT/gpu_tests_tp.log" | grep -E '^\[ *(FAILED|PASSED) *\]|Failure'
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "gpu_tests (TP parts): FAILED"; }
+fi
+
 step "2. benchmark"
-limit 150 "$BIN/tp_bench" --batch=256 --json="$OUT/tp_bench_b256.json" 2>&1 | tee "$OUT/tp_bench.log"
+# tp1, tp2 (direct host steps, mode A as served) and tp2-protocol (steps through NCCL), with
+# per-phase profiles; then B = 64; then the same per-rank path on one GPU (tp1-fanout).
+limit 150 "$BIN/tp_bench" --batch=256 --profile --json="$OUT/tp_bench_b256.json" 2>&1 |
+  tee "$OUT/tp_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "tp_bench B=256: FAILED or timed out"; }
 limit 60 "$BIN/tp_bench" --batch=64 --fit_check=false --json="$OUT/tp_bench_b64.json" 2>&1 |
+  tee -a "$OUT/tp_bench.log"
+limit 90 "$BIN/tp_bench" --batch=256 --layers=18 --tp1_fanout --protocol=false --fit_check=false \
+  --profile --json="$OUT/tp_bench_b256_fanout.json" 2>&1 | tee -a "$OUT/tp_bench.log"
+# More host threads on both sides: tp1's scan helpers and tp2's copy threads per rank.
+limit 90 "$BIN/tp_bench" --batch=256 --layers=18 --tp1_fanout --protocol=false --fit_check=false \
+  --profile --scan_helpers=7 --copy_threads=8 --json="$OUT/tp_bench_b256_threads.json" 2>&1 |
   tee -a "$OUT/tp_bench.log"
 
 step "3. service level with the mock worker"
