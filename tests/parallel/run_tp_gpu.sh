@@ -75,9 +75,10 @@ limit 60 "$BIN/tp_bench" --batch=64 --fit_check=false --json="$OUT/tp_bench_b64.
   tee -a "$OUT/tp_bench.log"
 limit 90 "$BIN/tp_bench" --batch=256 --layers=18 --tp1_fanout --protocol=false --fit_check=false \
   --profile --json="$OUT/tp_bench_b256_fanout.json" 2>&1 | tee -a "$OUT/tp_bench.log"
-# More host threads on both sides: tp1's scan helpers and tp2's copy threads per rank.
-limit 90 "$BIN/tp_bench" --batch=256 --layers=18 --tp1_fanout --protocol=false --fit_check=false \
-  --profile --scan_helpers=7 --copy_threads=8 --json="$OUT/tp_bench_b256_threads.json" 2>&1 |
+# The same number of host threads on both sides: tp1's engine with one scan helper (2 threads),
+# tp2 with one copy thread per rank (2 threads).
+limit 90 "$BIN/tp_bench" --batch=256 --layers=18 --protocol=false --fit_check=false \
+  --profile --scan_helpers=1 --copy_threads=1 --json="$OUT/tp_bench_b256_threads.json" 2>&1 |
   tee -a "$OUT/tp_bench.log"
 
 step "3. service level with the mock worker"
