@@ -24,10 +24,10 @@ double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(
 }  // namespace
 
 HostStepFanout::HostStepFanout(int32_t num_shards, int32_t lanes, bool concurrent,
-                               HostAllocator scratch_allocator)
+                               HostAllocator scratch_allocator, absl::Duration spin)
     : num_shards_(num_shards),
       lanes_(concurrent ? (lanes > 0 ? lanes : kDefaultFanoutLanes) : 1),
-      runner_(num_shards * lanes_, concurrent) {
+      runner_(num_shards * lanes_, concurrent, spin) {
   scratch_.reserve(num_shards);
   for (int32_t s = 0; s < num_shards; ++s) {
     scratch_.push_back({HostBuffer(scratch_allocator), HostBuffer(scratch_allocator)});

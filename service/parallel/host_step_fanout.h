@@ -36,10 +36,11 @@ inline constexpr int32_t kDefaultFanoutLanes = 1;
 class HostStepFanout {
  public:
   // num_shards shards with `lanes` copy threads each (0: kDefaultFanoutLanes); `concurrent` runs
-  // them on threads of its own (else everything on the caller, one lane per shard). Scratch comes
-  // from `scratch_allocator` (page-locked memory for GPU shards makes their copies direct).
+  // them on threads of its own (else everything on the caller, one lane per shard), which spin for
+  // `spin` after a step before they sleep. Scratch comes from `scratch_allocator` (page-locked
+  // memory for GPU shards makes their copies direct).
   HostStepFanout(int32_t num_shards, int32_t lanes, bool concurrent,
-                 HostAllocator scratch_allocator);
+                 HostAllocator scratch_allocator, absl::Duration spin = absl::Microseconds(200));
 
   // The model and the heads each shard owns; call before Run.
   void SetShards(const ModelConfig& config, std::vector<HeadShard> shards);

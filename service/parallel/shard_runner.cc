@@ -7,14 +7,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// How long a thread spins for a hand-over before it sleeps on the mutex: about a few steps'
-// host work, so that steps in a row never sleep, while an idle runner stops burning a core soon.
-constexpr auto kSpin = std::chrono::microseconds(200);
-
-// Spins until done() or kSpin passes; true if done().
+// Spins until done() or `spin` passes; true if done().
 template <typename Done>
-bool SpinUntil(Done done) {
-  const auto until = Clock::now() + kSpin;
+bool SpinUntil(Done done, absl::Duration spin) {
+  const auto until = Clock::now() + absl::ToChronoNanoseconds(spin);
   for (int i = 0;; ++i) {
     if (done()) return true;
     if ((i & 63) == 63) {
@@ -26,7 +22,8 @@ bool SpinUntil(Done done) {
 
 }  // namespace
 
-ShardRunner::ShardRunner(int32_t num_shards, bool concurrent) : num_shards_(num_shards) {
+ShardRunner::ShardRunner(int32_t num_shards, bool concurrent, absl::Duration spin)
+    : num_shards_(num_shards), spin_(spin) {
   if (!concurrent) return;
   workers_.reserve(num_shards > 1 ? num_shards - 1 : 0);
   for (int32_t s = 1; s < num_shards; ++s) workers_.emplace_back([this, s] { WorkerLoop(s); });
@@ -54,7 +51,7 @@ void ShardRunner::Run(absl::FunctionRef<void(int32_t)> fn) {
   }
   fn(0);
   auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
-  if (!SpinUntil(done)) {
+  if (!SpinUntil(done, spin_)) {
     absl::MutexLock lock(&mu_);
     mu_.Await(absl::Condition(&done));
   }
@@ -67,7 +64,7 @@ void ShardRunner::WorkerLoop(int32_t shard) {
   while (true) {
     auto ready = [this, &seen] { return generation_.load(std::memory_order_acquire) != seen; };
     const absl::FunctionRef<void(int32_t)>* task = nullptr;
-    SpinUntil(ready);
+    SpinUntil(ready, spin_);
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(&ready));

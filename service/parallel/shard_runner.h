@@ -11,13 +11,15 @@
 
 #include "absl/functional/function_ref.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 namespace kvbuffer::parallel {
 
 class ShardRunner {
  public:
-  // Prepares to run `num_shards` shards; `concurrent` starts num_shards - 1 worker threads.
-  ShardRunner(int32_t num_shards, bool concurrent);
+  // Prepares to run `num_shards` shards; `concurrent` starts num_shards - 1 worker threads, which
+  // spin for `spin` after each run (waiting for the next one) before they sleep.
+  ShardRunner(int32_t num_shards, bool concurrent, absl::Duration spin = absl::Microseconds(200));
   // Stops and joins the worker threads.
   ~ShardRunner();
 
@@ -39,6 +41,7 @@ class ShardRunner {
   void WorkerLoop(int32_t shard);
 
   const int32_t num_shards_;
+  const absl::Duration spin_;
   absl::Mutex mu_;
   const absl::FunctionRef<void(int32_t)>* task_ ABSL_GUARDED_BY(mu_) = nullptr;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -677,7 +677,8 @@ absl::StatusOr<std::unique_ptr<TpBackend>> MakeInProcessTpBackend(
   }
   if (b->options_.direct_host_steps) {
     auto d = std::make_unique<TpBackend::DirectSteps>(b->world_, b->options_.direct_copy_threads,
-                                                      b->options_.direct_scratch_allocator);
+                                                      b->options_.direct_scratch_allocator,
+                                                      b->options_.direct_spin);
     d->backends.push_back(&b->compute_->backend());
     d->locks.push_back(nullptr);  // rank 0's shard is only driven under the group's lock
     for (TpBackend::InProcessWorker& w : b->workers_) {

@@ -127,8 +127,8 @@ class TpBackend : public Backend {
   // Direct host steps of an in-process group (TpOptions::direct_host_steps): every rank's
   // backend driven from threads of rank 0, with the worker's lock held.
   struct DirectSteps {
-    DirectSteps(int32_t world, int32_t copy_threads, HostAllocator scratch)
-        : fanout(world, copy_threads, /*concurrent=*/true, scratch) {}
+    DirectSteps(int32_t world, int32_t copy_threads, HostAllocator scratch, absl::Duration spin)
+        : fanout(world, copy_threads, /*concurrent=*/true, scratch, spin) {}
     HostStepFanout fanout;
     std::vector<Backend*> backends;
     std::vector<absl::Mutex*> locks;

@@ -48,6 +48,7 @@ ABSL_FLAG(bool, protocol, true, "also time TP = 2 with steps through the NCCL ra
 ABSL_FLAG(bool, tp1_fanout, false, "also time TP = 1 through the per-rank host path of tp2");
 ABSL_FLAG(int, scan_helpers, -1,
           "helper threads of the engine's activation scans (tp1's check and staging); -1: default");
+ABSL_FLAG(int, spin_us, 200, "how long tp2's rank threads spin for the next step (microseconds)");
 ABSL_FLAG(int, copy_threads, 0,
           "threads per rank copying activations in tp2 and tp1-fanout (0: the default)");
 ABSL_FLAG(bool, fit_check, true, "check the sequences that fit by allocating");
@@ -245,6 +246,7 @@ int Run() {
     g.device_step = DeviceStep();
     g.tp.direct_host_steps = direct;
     g.tp.direct_copy_threads = absl::GetFlag(FLAGS_copy_threads);
+    g.tp.direct_spin = absl::Microseconds(absl::GetFlag(FLAGS_spin_us));
     auto b = MakeNcclGroupInProcess({0, 1}, std::move(g));
     if (!b.ok()) return std::fprintf(stderr, "%s: %s\n", name, b.status().ToString().c_str()), 1;
     if (direct) tp2_group = b->get();

@@ -39,6 +39,10 @@ struct TpOptions {
   HostAllocator direct_scratch_allocator = HeapAllocator();
   // Threads per rank that copy and check its slice of a direct host step (0: one).
   int32_t direct_copy_threads = 0;
+  // How long the threads of direct host steps spin for the next step before they sleep: a wake-up
+  // from sleep costs tens of microseconds, so steps that follow each other within this never pay
+  // it; an idle group stops using CPU after it.
+  absl::Duration direct_spin = absl::Microseconds(200);
 };
 
 }  // namespace kvbuffer::parallel

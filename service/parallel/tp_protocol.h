@@ -67,9 +67,9 @@ struct CommandHeader {
   uint32_t meta_inline = 0;    // the metadata follows the header in the block
   uint32_t inputs_inline = 0;  // every rank's inputs follow the metadata in the block
   int32_t reserved = 0;
-  int64_t meta_bytes = 0;    // items then page table, unpadded
-  int64_t input_bytes = 0;   // per rank, padded (0: none)
-  int64_t output_bytes = 0;  // per rank payload after its RankStatus, padded (0: none)
+  int64_t meta_bytes = 0;        // items then page table, unpadded
+  int64_t input_bytes = 0;       // per rank, padded (0: none)
+  int64_t output_bytes = 0;      // per rank payload after its RankStatus, padded (0: none)
   int64_t next_block_bytes = 0;  // size of the next command's block (round A broadcast)
   // kAllocate: the full model (each rank derives its shard) and the pool sizes.
   int32_t model[8] = {};  // L, H, HV, K, V, W
