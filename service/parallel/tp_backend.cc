@@ -136,7 +136,7 @@ absl::Status TpBackend::CheckUsable() const {
   return absl::OkStatus();
 }
 
-absl::Status TpBackend::Break(absl::Status why) {
+absl::Status TpBackend::Break(const absl::Status& why) {
   if (!health_.ok()) return health_;
   health_ = absl::Status(
       why.code(), absl::StrCat("tensor-parallel group of ", world_, " is broken: ", why.message()));

@@ -159,7 +159,7 @@ class TpBackend : public Backend {
   // The block size to announce in `h` for the next command: after a step, large enough for the
   // inputs of the recent steps to go inline (up to max_block_bytes); else command_bytes.
   size_t NextBlockBytes(const CommandHeader& h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Break(absl::Status why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Break(const absl::Status& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckUsable() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HeartbeatLoop();
   void StartHeartbeat();
