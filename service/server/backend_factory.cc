@@ -117,6 +117,7 @@ absl::StatusOr<ServingBackend> MakeNcclGroup(const BackendChoice& choice,
   parallel::KeepNvlinkMulticastOff();
   parallel::NcclGroupOptions group;
   group.tp.op_timeout = tp.op_timeout;
+  group.tp.direct_host_steps = tp.direct_host_steps;
   group.tp.on_broken = std::move(on_broken);
   group.init_timeout = tp.init_timeout;
   const CudaPrefillMode prefill =
@@ -146,7 +147,8 @@ absl::StatusOr<ServingBackend> MakeNcclGroup(const BackendChoice& choice,
     out.backend = *std::move(b);
     out.layout =
         absl::StrCat(tp.size, " ranks on threads of this process, GPUs ",
-                     absl::StrJoin(devices, ","), ", NCCL ", parallel::NcclVersionString());
+                     absl::StrJoin(devices, ","), ", NCCL ", parallel::NcclVersionString(),
+                     tp.direct_host_steps ? ", direct host steps" : ", steps through NCCL");
     return out;
   }
   parallel::TpLeaderOptions leader_options;

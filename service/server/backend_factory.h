@@ -30,6 +30,9 @@ struct TensorParallelChoice {
   std::string bootstrap = "0.0.0.0:7070";          // processes: where rank 0 serves the bootstrap
   absl::Duration init_timeout = absl::Minutes(2);  // longest wait for every rank to join
   absl::Duration op_timeout = absl::Seconds(60);   // longest one command may take on any rank
+  // threads: steps with host activations go straight to every GPU, each from its own thread
+  // (TpOptions::direct_host_steps); false: through the NCCL rank protocol like mode B.
+  bool direct_host_steps = true;
 };
 
 struct BackendChoice {

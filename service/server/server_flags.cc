@@ -40,6 +40,10 @@ ABSL_FLAG(double, tp_init_timeout_seconds, 120,
 ABSL_FLAG(double, tp_op_timeout_seconds, 60,
           "A tensor-parallel command slower than this on any rank breaks the group (health "
           "NOT_SERVING)");
+ABSL_FLAG(bool, tp_direct_host_steps, true,
+          "--tp_mode=threads: each GPU copies its heads of a step's activations from the request "
+          "on its own thread and transfers them itself; false: steps go through the NCCL rank "
+          "protocol (one broadcast, one gather), as with --tp_mode=processes");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on");
 ABSL_FLAG(int32_t, port, 50051, "Port to listen on; 0 picks a free one (printed on stdout)");
 ABSL_FLAG(std::string, model, "qwen3-next-80b-a3b",
@@ -158,6 +162,7 @@ absl::Status TensorParallelFromFlags(const ModelConfig& model, TensorParallelCho
   if (absl::Status s = Positive("tp_op_timeout_seconds", op); !s.ok()) return s;
   tp.init_timeout = absl::Seconds(init);
   tp.op_timeout = absl::Seconds(op);
+  tp.direct_host_steps = absl::GetFlag(FLAGS_tp_direct_host_steps);
   return absl::OkStatus();
 }
 

@@ -6,7 +6,8 @@
 #   2. the benchmark (service/parallel/tp_bench): decode step at B = 256, TP = 2 vs TP = 1 in the
 #      same run, outputs checked, sequences that fit per GPU (target: <= 0.6x, x2);
 #   3. when the server has its tensor-parallel flags: the mock worker drives every RPC against a
-#      TP = 1 server, a mode A server and a mode B server (rank 1 = kvbuffer-tp-worker).
+#      TP = 1 server, a mode A server (direct host steps, then steps through NCCL) and a mode B
+#      server (rank 1 = kvbuffer-tp-worker).
 # Results (logs, JSON) go to $OUT (default ./tp-out). NVLink multicast stays off.
 # Usage, from the repository root:  tests/parallel/run_tp_gpu.sh [build-dir]
 # With prebuilt binaries (the GPU machine has no gRPC or abseil to build with), e.g. a bundle made
@@ -112,6 +113,11 @@ if [ "$have_server" -eq 1 ] && grep -q -- '--tensor_parallel' <<<"$help"; then
   p=$(serve tp1); drive tp1 "$p" || status=1; stop tp1
   p=$(serve tp2a --tensor_parallel=2 --tp_mode=threads --tp_devices=0,1); drive tp2a "$p" || status=1; stop tp2a
   grep -h 'tensor parallel' "$OUT/server_tp2a.err"
+  # Mode A with every step through the NCCL protocol (--tp_direct_host_steps=false).
+  p=$(serve tp2a_protocol --tensor_parallel=2 --tp_mode=threads --tp_devices=0,1 \
+    --tp_direct_host_steps=false)
+  drive tp2a_protocol "$p" || status=1; stop tp2a_protocol
+  grep -h 'tensor parallel' "$OUT/server_tp2a_protocol.err"
   # Mode B: rank 1 first (it keeps trying to join until rank 0 serves the bootstrap).
   limit 300 "$BIN/kvbuffer-tp-worker" --leader=127.0.0.1:7070 --device=1 >"$OUT/tp_worker.log" 2>&1 &
   worker=$!
