@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "service/engine/backend.h"
 #include "service/parallel/head_shard.h"
 #include "service/parallel/host_buffer.h"

@@ -30,7 +30,6 @@
 #include "service/parallel/host_buffer.h"
 #include "service/parallel/host_step_fanout.h"
 #include "service/parallel/shard_compute.h"
-#include "service/parallel/shard_runner.h"
 #include "service/parallel/tp_buffers.h"
 #include "service/parallel/tp_options.h"
 #include "service/parallel/tp_protocol.h"
