@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -112,6 +113,12 @@ class Upload {
     if (!direct) staged_size_ = size_;
     return at;
   }
+  // Empties the upload (keeps its memory).
+  void Clear() {
+    parts_.clear();
+    size_ = 0;
+    staged_size_ = 0;
+  }
   size_t size() const { return size_; }
   // Bytes from the start up to the end of the last staged part.
   size_t staged_size() const { return staged_size_; }
@@ -165,6 +172,48 @@ struct Round {
   size_t descs_at = 0, units_at = 0;
   // Set by OrderForStreaming (kc::StepArgs::stream_*).
   int32_t stream_begin = -1, stream_fold_end = -1, stream_max_tokens = 0, stream_max_rows = 0;
+
+  // Empties the round for the next step (keeps its memory).
+  void Reset() {
+    descs.clear();
+    units.clear();
+    max_tokens = max_rows = 0;
+    any_fold = false;
+    descs_at = units_at = 0;
+    stream_begin = stream_fold_end = -1;
+    stream_max_tokens = stream_max_rows = 0;
+  }
+};
+
+// Per-step planning memory a backend keeps between steps, so that a warm step allocates nothing.
+struct StepScratch {
+  std::vector<Round> rounds;  // the first num_rounds are this step's
+  size_t num_rounds = 0;
+  std::vector<kc::StepDesc> pre_fold, chunk_descs, sorted;
+  std::vector<kc::PrepUnit> chunk_prep;
+  std::vector<kc::ChunkUnit> chunk_units;
+  std::vector<kc::ChunkItem> chunk_items;
+  std::vector<int32_t> window_ids, where;
+  Upload up;
+
+  // Empties everything for the next step.
+  void Reset() {
+    for (size_t r = 0; r < num_rounds; ++r) rounds[r].Reset();
+    num_rounds = 0;
+    pre_fold.clear();
+    chunk_descs.clear();
+    chunk_prep.clear();
+    chunk_units.clear();
+    chunk_items.clear();
+    window_ids.clear();
+    up.Clear();
+  }
+  // Round r of this step (created or reused).
+  Round& RoundAt(size_t r) {
+    if (rounds.size() <= r) rounds.resize(r + 1);
+    num_rounds = std::max(num_rounds, r + 1);
+    return rounds[r];
+  }
 };
 
 // True if the streaming kernels may take this descriptor (kc::StepArgs::stream_begin).
@@ -189,34 +238,35 @@ void SetFoldOnlyStreaming(const std::vector<kc::StepDesc>& descs, kc::StepArgs* 
 
 // Orders a round's descriptors as general | streaming with a fold | streaming without (prep
 // units follow their descriptors) and records the boundaries for the launch.
-void OrderForStreaming(Round* R) {
+void OrderForStreaming(Round* R, StepScratch* scratch) {
   auto rank = [](const kc::StepDesc& d) {
     if (!StreamEligible(d)) return 0;
     return (d.flags & kc::kFoldFirst) != 0 ? 1 : 2;
   };
   const size_t n = R->descs.size();
-  std::vector<int32_t> order(n), where(n);
-  for (size_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(i);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return rank(R->descs[a]) < rank(R->descs[b]); });
-  std::vector<kc::StepDesc> sorted(n);
-  int32_t begin = static_cast<int32_t>(n), fold_end = static_cast<int32_t>(n);
+  // A stable partition into ranks 0 | 1 | 2 by counting (no temporary buffers).
+  size_t count[3] = {0, 0, 0};
+  for (const kc::StepDesc& d : R->descs) ++count[rank(d)];
+  size_t next[3] = {0, count[0], count[0] + count[1]};
+  std::vector<int32_t>& where = scratch->where;
+  std::vector<kc::StepDesc>& sorted = scratch->sorted;
+  where.resize(n);
+  sorted.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    sorted[i] = R->descs[order[i]];
-    where[order[i]] = static_cast<int32_t>(i);
-    const int r = rank(sorted[i]);
-    if (r >= 1 && begin == static_cast<int32_t>(n)) begin = static_cast<int32_t>(i);
-    if (r == 2 && fold_end == static_cast<int32_t>(n)) fold_end = static_cast<int32_t>(i);
+    const int r = rank(R->descs[i]);
+    const size_t at = next[r]++;
+    sorted[at] = R->descs[i];
+    where[i] = static_cast<int32_t>(at);
     if (r >= 1) {
-      R->stream_max_tokens = std::max(R->stream_max_tokens, sorted[i].num_tokens);
-      R->stream_max_rows = std::max(R->stream_max_rows, sorted[i].buffer_rows);
+      R->stream_max_tokens = std::max(R->stream_max_tokens, R->descs[i].num_tokens);
+      R->stream_max_rows = std::max(R->stream_max_rows, R->descs[i].buffer_rows);
     }
   }
   for (kc::PrepUnit& u : R->units) u.item = where[u.item];
-  R->descs = std::move(sorted);
-  if (begin < static_cast<int32_t>(n)) {
-    R->stream_begin = begin;
-    R->stream_fold_end = fold_end;
+  R->descs.swap(sorted);  // both keep their memory for the next steps
+  if (count[1] + count[2] > 0) {
+    R->stream_begin = static_cast<int32_t>(count[0]);
+    R->stream_fold_end = static_cast<int32_t>(count[0] + count[1]);
   }
 }
 
@@ -275,6 +325,7 @@ class CudaBackend : public Backend {
   DeviceBuffer d_in_, d_out_, d_prep_, d_prep16_, d_chunk_, d_counters_;
   PinnedBuffer h_in_, h_out_;
   size_t counters_cap_ = 0;
+  StepScratch scratch_;                // planning memory of StepLocked (under mu_)
   cudaEvent_t upload_done_ = nullptr;  // recorded after each upload out of h_in_
   bool upload_pending_ = false;        // upload_done_ was recorded and not yet waited on
   cudaEvent_t ev_start_ = nullptr, ev_end_ = nullptr;  // RunLayerStepOnDevice ordering
@@ -581,10 +632,10 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   // for chunked items in tensor-core mode, through the UT kernels.
   const bool verify = step.kind == StepKind::kVerify;
   const int32_t S = kc::kMaxStepTokens;
-  std::vector<Round> rounds;
+  StepScratch& sc = scratch_;
+  sc.Reset();
   auto add_slice = [&](size_t r, const kc::StepDesc& d) {
-    if (rounds.size() <= r) rounds.resize(r + 1);
-    Round& R = rounds[r];
+    Round& R = sc.RoundAt(r);
     kc::PrepUnit u;
     u.item = static_cast<int32_t>(R.descs.size());
     u.t_begin = 0;
@@ -599,11 +650,12 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
       R.max_rows = std::max(R.max_rows, d.buffer_rows);
     }
   };
-  std::vector<kc::StepDesc> pre_fold, chunk_descs;
-  std::vector<kc::PrepUnit> chunk_prep;
-  std::vector<kc::ChunkUnit> chunk_units;
-  std::vector<kc::ChunkItem> chunk_items;
-  std::vector<int32_t> window_ids;
+  std::vector<kc::StepDesc>& pre_fold = sc.pre_fold;
+  std::vector<kc::StepDesc>& chunk_descs = sc.chunk_descs;
+  std::vector<kc::PrepUnit>& chunk_prep = sc.chunk_prep;
+  std::vector<kc::ChunkUnit>& chunk_units = sc.chunk_units;
+  std::vector<kc::ChunkItem>& chunk_items = sc.chunk_items;
+  std::vector<int32_t>& window_ids = sc.window_ids;
   for (const StepItem& it : step.items) {
     kc::StepDesc base;
     base.state_slot = it.state_slot;
@@ -690,10 +742,11 @@ absl::Status CudaBackend::StepLocked(const LayerStep& step, bool on_device) {
   }
 
   // Upload: page table, descriptors, activations.
-  Upload up;
+  const std::span<Round> rounds(sc.rounds.data(), sc.num_rounds);
+  Upload& up = sc.up;
   const size_t pt_at = up.Add(step.page_table.data(), step.page_table.size());
   for (Round& R : rounds) {
-    OrderForStreaming(&R);
+    OrderForStreaming(&R, &sc);
     R.descs_at = up.Add(R.descs.data(), R.descs.size());
     R.units_at = up.Add(R.units.data(), R.units.size());
   }
