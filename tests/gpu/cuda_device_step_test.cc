@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -22,6 +23,32 @@ namespace {
 
 #define KVB_CK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
 
+// Pools of the small model for the tests here: `slots` states and conv windows, pages of 4 rows.
+PoolSizes SmallPools(int32_t slots, int32_t pages) {
+  PoolSizes sz;
+  sz.state_slots = slots;
+  sz.buffer_pages = pages;
+  sz.page_tokens = 4;
+  sz.conv_slots = slots;
+  sz.max_drafts = 4;
+  return sz;
+}
+
+// A host step over fp32 activations and outputs.
+LayerStep HostStep(StepKind kind, std::span<const StepItem> items, std::span<const int32_t> pages,
+                   const float* qkv, const float* a, const float* b, int32_t tokens, float* out) {
+  LayerStep st;
+  st.kind = kind;
+  st.items = items;
+  st.page_table = pages;
+  st.qkv = qkv;
+  st.a = a;
+  st.b = b;
+  st.total_tokens = tokens;
+  st.out = out;
+  return st;
+}
+
 TEST(CudaDeviceStep, NonCudaBackendIsUnimplemented) {
   auto cpu = MakeCpuBackend();
   LayerStep st;
@@ -32,12 +59,7 @@ TEST(CudaDeviceStep, MatchesHostStep) {
   KVB_REQUIRE_GPU();
   ModelConfig m;
   ASSERT_TRUE(ModelPreset("small", &m));
-  PoolSizes sz;
-  sz.state_slots = 4;
-  sz.buffer_pages = 16;
-  sz.page_tokens = 4;
-  sz.conv_slots = 4;
-  sz.max_drafts = 4;
+  const PoolSizes sz = SmallPools(4, 16);
   auto host = MakeCudaBackend(0);
   auto dev = MakeCudaBackend(0);
   const std::vector<LayerParams> params = MakeAllLayerParams(m);
@@ -87,16 +109,9 @@ TEST(CudaDeviceStep, MatchesHostStep) {
     }
     const size_t out_n = static_cast<size_t>(T) * m.out_elems();
     std::vector<float> out_h(out_n, std::numeric_limits<float>::quiet_NaN()), out_d = out_h;
-    LayerStep st;
+    LayerStep st = HostStep(calls[c].kind, calls[c].items, pages, qkv.data(), a.data(), b.data(), T,
+                            out_h.data());
     st.layer = static_cast<int32_t>(c % m.num_layers);
-    st.kind = calls[c].kind;
-    st.items = calls[c].items;
-    st.page_table = pages;
-    st.qkv = qkv.data();
-    st.a = a.data();
-    st.b = b.data();
-    st.total_tokens = T;
-    st.out = out_h.data();
     ASSERT_TRUE(host->RunLayerStep(st).ok());
     // Device path: uploads, poison, step and download all queued on `user`, one sync at the end.
     KVB_CK(cudaMemcpyAsync(d_qkv, qkv.data(), qkv.size() * 4, cudaMemcpyHostToDevice, user));
@@ -139,12 +154,7 @@ TEST(CudaHostStep, OutputRowStrideMatchesDenseOutputs) {
   KVB_REQUIRE_GPU();
   ModelConfig m;
   ASSERT_TRUE(ModelPreset("small", &m));
-  PoolSizes sz;
-  sz.state_slots = 2;
-  sz.buffer_pages = 8;
-  sz.page_tokens = 4;
-  sz.conv_slots = 2;
-  sz.max_drafts = 4;
+  const PoolSizes sz = SmallPools(2, 8);
   const std::vector<LayerParams> params = MakeAllLayerParams(m);
   std::mt19937 rng(std::random_device{}());
   std::normal_distribution<float> nd;
@@ -169,15 +179,9 @@ TEST(CudaHostStep, OutputRowStrideMatchesDenseOutputs) {
     ASSERT_TRUE(backend->ResetConv(std::vector<int32_t>{0, 1}).ok());
     float* out = variant == 0 ? dense.data() : variant == 1 ? pinned : plain.data();
     if (variant > 0) std::fill(out, out + 3 * T * row, -7.0f);
-    LayerStep st;
-    st.kind = StepKind::kPrefill;
-    st.items = items;
-    st.page_table = pages;
-    st.qkv = qkv.data();
-    st.a = a.data();
-    st.b = b.data();
-    st.total_tokens = T;
-    st.out = variant == 0 ? out : out + row;  // rows at 3 * row, starting one row in
+    // Rows at 3 * row, starting one row in.
+    LayerStep st = HostStep(StepKind::kPrefill, items, pages, qkv.data(), a.data(), b.data(), T,
+                            variant == 0 ? out : out + row);
     st.out_row_stride = variant == 0 ? 0 : 3 * row * sizeof(float);
     const absl::Status s = backend->RunLayerStep(st);
     ASSERT_TRUE(s.ok()) << s;
@@ -201,12 +205,7 @@ TEST(CudaHostStep, MissedSyncTimeoutIsUnavailableForGood) {
   KVB_REQUIRE_GPU();
   ModelConfig m;
   ASSERT_TRUE(ModelPreset("small", &m));
-  PoolSizes sz;
-  sz.state_slots = 2;
-  sz.buffer_pages = 8;
-  sz.page_tokens = 4;
-  sz.conv_slots = 2;
-  sz.max_drafts = 4;
+  const PoolSizes sz = SmallPools(2, 8);
   CudaBackendOptions o;
   o.sync_timeout = absl::Nanoseconds(1);
   auto backend = MakeCudaBackend(o);
@@ -216,15 +215,8 @@ TEST(CudaHostStep, MissedSyncTimeoutIsUnavailableForGood) {
       b(T * m.num_v_heads, 0.5f), out(static_cast<size_t>(T) * m.out_elems());
   const std::vector<int32_t> pages = {0, 1};
   const std::vector<StepItem> items = {{0, T, 0, true, true, 0, true, 16384, 0, 0, 2}};
-  LayerStep st;
-  st.kind = StepKind::kPrefill;
-  st.items = items;
-  st.page_table = pages;
-  st.qkv = qkv.data();
-  st.a = a.data();
-  st.b = b.data();
-  st.total_tokens = T;
-  st.out = out.data();
+  const LayerStep st =
+      HostStep(StepKind::kPrefill, items, pages, qkv.data(), a.data(), b.data(), T, out.data());
   absl::Status s = backend->RunLayerStep(st);
   ASSERT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   EXPECT_NE(s.message().find("did not finish"), std::string::npos) << s;
