@@ -93,44 +93,34 @@ absl::Status HostStepFanout::CopyRows(int32_t s, const LayerStep& step, int64_t 
   const auto runs = ShardChannelRuns(config_, shard);
   const size_t full_row = static_cast<size_t>(config_.channels()) * es;
   const size_t shard_row = static_cast<size_t>(runs[2].dst + runs[2].len) * es;
-  const auto* src = static_cast<const uint8_t*>(step.qkv);
-  auto* dst = static_cast<uint8_t*>(const_cast<void*>(sub.qkv));
-  const uint32_t limit = ActivationLimitBits(step.in_dtype);
-  // Each of the shard's q, k and v runs over the lane's rows, then a and b: copied (and checked)
-  // in one pass, with one store fence per call.
   const size_t full_heads = static_cast<size_t>(config_.num_v_heads) * es;
   const size_t shard_heads = static_cast<size_t>(shard.num_v_heads) * es;
-  const size_t first = static_cast<size_t>(shard.v_head_begin) * es;
-  struct Strided {
-    const uint8_t* from;
-    size_t from_stride;
-    uint8_t* to;
-    size_t to_stride;
-    size_t n;
-  };
-  const Strided parts[5] = {
-      {src + t0 * full_row + runs[0].src * es, full_row, dst + t0 * shard_row + runs[0].dst * es,
-       shard_row, static_cast<size_t>(runs[0].len)},
-      {src + t0 * full_row + runs[1].src * es, full_row, dst + t0 * shard_row + runs[1].dst * es,
-       shard_row, static_cast<size_t>(runs[1].len)},
-      {src + t0 * full_row + runs[2].src * es, full_row, dst + t0 * shard_row + runs[2].dst * es,
-       shard_row, static_cast<size_t>(runs[2].len)},
-      {static_cast<const uint8_t*>(step.a) + first + t0 * full_heads, full_heads,
-       static_cast<uint8_t*>(const_cast<void*>(sub.a)) + t0 * shard_heads, shard_heads,
-       static_cast<size_t>(shard.num_v_heads)},
-      {static_cast<const uint8_t*>(step.b) + first + t0 * full_heads, full_heads,
-       static_cast<uint8_t*>(const_cast<void*>(sub.b)) + t0 * shard_heads, shard_heads,
-       static_cast<size_t>(shard.num_v_heads)}};
+  // The lane's rows [t0, t1) of every tensor, on both sides.
+  const auto* qkv = static_cast<const uint8_t*>(step.qkv) + t0 * full_row;
+  const auto* a = static_cast<const uint8_t*>(step.a) + t0 * full_heads;
+  const auto* b = static_cast<const uint8_t*>(step.b) + t0 * full_heads;
+  auto* to_qkv = static_cast<uint8_t*>(const_cast<void*>(sub.qkv)) + t0 * shard_row;
+  auto* to_a = static_cast<uint8_t*>(const_cast<void*>(sub.a)) + t0 * shard_heads;
+  auto* to_b = static_cast<uint8_t*>(const_cast<void*>(sub.b)) + t0 * shard_heads;
+  if (!check_values) {
+    SliceActivations(config_, shard, es, t1 - t0, qkv, a, b, to_qkv, to_a, to_b);
+    return absl::OkStatus();
+  }
+  // Each of the shard's q, k and v runs over the lane's rows, then its a and b heads: checked and
+  // copied in one pass, with one store fence per call.
+  const uint32_t limit = ActivationLimitBits(step.in_dtype);
   const size_t rows = static_cast<size_t>(t1 - t0);
-  for (const Strided& p : parts) {
-    if (check_values) {
-      if (!CopyRowsBelowMagnitude(p.from, p.from_stride, p.to, p.to_stride, rows, p.n,
-                                  step.in_dtype, limit)) {
-        return ValueRefused();
-      }
-    } else {
-      parallel::CopyRows(p.from, p.from_stride, p.to, p.to_stride, static_cast<int64_t>(rows),
-                         p.n * es);
+  for (const ChannelRun& r : runs) {
+    if (!CopyRowsBelowMagnitude(qkv + r.src * es, full_row, to_qkv + r.dst * es, shard_row, rows,
+                                static_cast<size_t>(r.len), step.in_dtype, limit)) {
+      return ValueRefused();
+    }
+  }
+  const size_t first = static_cast<size_t>(shard.v_head_begin) * es;
+  for (const auto& [from, to] : {std::pair<const uint8_t*, uint8_t*>{a, to_a}, {b, to_b}}) {
+    if (!CopyRowsBelowMagnitude(from + first, full_heads, to, shard_heads, rows,
+                                static_cast<size_t>(shard.num_v_heads), step.in_dtype, limit)) {
+      return ValueRefused();
     }
   }
   return absl::OkStatus();
