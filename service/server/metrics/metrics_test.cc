@@ -1,5 +1,7 @@
 // Unit tests of the metrics library: values, the text exposition format, thread safety, and the
 // /metrics endpoint scraped over loopback and parsed.
+#include "service/server/metrics/metrics.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -15,7 +17,7 @@
 
 #include "gtest/gtest.h"
 #include "service/server/metrics/http_server.h"
-#include "service/server/metrics/metrics.h"
+#include "service/server/metrics/process_memory.h"
 #include "service/server/metrics/service_metrics.h"
 
 namespace kvbuffer::metrics {
@@ -225,12 +227,14 @@ TEST(MetricsTest, ConcurrentUpdatesAreExact) {
     if (s.name == "kvbuffer_requests_total") total += s.value;
   }
   EXPECT_EQ(total, kThreads * kPerThread);
-  const Sample* nf = Find(samples, "kvbuffer_requests_total", {{"rpc", "Prefill"}, {"code", "NOT_FOUND"}});
+  const Sample* nf =
+      Find(samples, "kvbuffer_requests_total", {{"rpc", "Prefill"}, {"code", "NOT_FOUND"}});
   ASSERT_NE(nf, nullptr);
   EXPECT_EQ(nf->value, kThreads * kPerThread / 10);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_bytes_received_total"), 10.0 * kThreads * kPerThread);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_bytes_sent_total"), 20.0 * kThreads * kPerThread);
-  const Sample* cnt = Find(samples, "kvbuffer_request_duration_seconds_count", {{"rpc", "DecodeStep"}});
+  const Sample* cnt =
+      Find(samples, "kvbuffer_request_duration_seconds_count", {{"rpc", "DecodeStep"}});
   ASSERT_NE(cnt, nullptr);
   EXPECT_EQ(cnt->value, kThreads * kPerThread / 2);
 }
@@ -259,8 +263,8 @@ TEST(MetricsHttpTest, ScrapesServiceMetricsOverLoopback) {
   m.ObserveRequest(Rpc::kPrefill, 0, 0.002);
   m.ObserveRequest(Rpc::kPrefill, 0, 0.004);
   m.ObserveRequest(Rpc::kDecodeStep, 9, 0.0001);  // FAILED_PRECONDITION
-  m.ObserveRequest("Flush", 5, 0.0001);             // by name: NOT_FOUND
-  m.ObserveRequest("NoSuchRpc", 0, 0.0001);         // ignored
+  m.ObserveRequest("Flush", 5, 0.0001);           // by name: NOT_FOUND
+  m.ObserveRequest("NoSuchRpc", 0, 0.0001);       // ignored
   m.AddBytes(1000, 2000);
 
   MetricsHttpServer server(&r);
@@ -285,7 +289,8 @@ TEST(MetricsHttpTest, ScrapesServiceMetricsOverLoopback) {
   EXPECT_EQ(types["kvbuffer_flushes_total"], "counter");
   EXPECT_EQ(ValueOf(samples, "kvbuffer_requests_total", {{"rpc", "Prefill"}, {"code", "OK"}}), 2);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_requests_total",
-                 {{"rpc", "DecodeStep"}, {"code", "FAILED_PRECONDITION"}}), 1);
+                    {{"rpc", "DecodeStep"}, {"code", "FAILED_PRECONDITION"}}),
+            1);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_requests_total", {{"rpc", "Flush"}, {"code", "NOT_FOUND"}}),
             1);
   EXPECT_EQ(Find(samples, "kvbuffer_requests_total", {{"rpc", "NoSuchRpc"}}), nullptr);
@@ -301,6 +306,12 @@ TEST(MetricsHttpTest, ScrapesServiceMetricsOverLoopback) {
   EXPECT_EQ(ValueOf(samples, "kvbuffer_bytes_sent_total"), 2000);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_device_memory_bytes", {{"kind", "pool"}}), 123456);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_build_info", {{"backend", "cpu"}, {"model", "tiny"}}), 1);
+  EXPECT_GT(ValueOf(samples, "kvbuffer_process_memory_bytes", {{"kind", "resident"}}), 1 << 20);
+  if (ReadProcessMemory().heap_in_use_bytes >= 0) {
+    EXPECT_GT(ValueOf(samples, "kvbuffer_process_memory_bytes", {{"kind", "heap_in_use"}}), 0);
+  } else {
+    EXPECT_EQ(Find(samples, "kvbuffer_process_memory_bytes", {{"kind", "heap_in_use"}}), nullptr);
+  }
 
   // Histogram: buckets cumulative, ascending le, +Inf equal to _count, sum right.
   double prev_le = -INFINITY, prev_count = 0;
@@ -323,9 +334,11 @@ TEST(MetricsHttpTest, ScrapesServiceMetricsOverLoopback) {
   EXPECT_NEAR(ValueOf(samples, "kvbuffer_request_duration_seconds_sum", {{"rpc", "Prefill"}}),
               0.006, 1e-12);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_request_duration_seconds_bucket",
-                 {{"rpc", "Prefill"}, {"le", "0.001"}}), 0);
+                    {{"rpc", "Prefill"}, {"le", "0.001"}}),
+            0);
   EXPECT_EQ(ValueOf(samples, "kvbuffer_request_duration_seconds_bucket",
-                 {{"rpc", "Prefill"}, {"le", "0.005"}}), 2);
+                    {{"rpc", "Prefill"}, {"le", "0.005"}}),
+            2);
 
   // Query strings are ignored; HEAD has headers only; anything else is 404.
   EXPECT_EQ(Http(server.port(), "GET /metrics?x=1 HTTP/1.0\r\n\r\n").rfind("HTTP/1.1 200", 0), 0u);
@@ -353,6 +366,24 @@ TEST(MetricsHttpTest, ScrapesServiceMetricsOverLoopback) {
   server.Stop();
   server.Stop();  // idempotent
   EXPECT_GE(server.requests_served(), 28u);
+}
+
+TEST(ProcessMemoryTest, HeapAndResidentFollowAnAllocation) {
+  const ProcessMemory before = ReadProcessMemory();
+  ASSERT_GT(before.resident_bytes, 0);
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::vector<char> block(kBytes, 1);  // written, so resident
+  const ProcessMemory held = ReadProcessMemory();
+  EXPECT_GE(held.resident_bytes, before.resident_bytes + static_cast<int64_t>(kBytes) / 2);
+  block.clear();
+  block.shrink_to_fit();
+  const ProcessMemory after = ReadProcessMemory();
+  if (before.heap_in_use_bytes < 0) {
+    EXPECT_EQ(held.heap_in_use_bytes, -1);
+    GTEST_SKIP() << "the allocator (a sanitizer's) does not report heap in use";
+  }
+  EXPECT_GE(held.heap_in_use_bytes, before.heap_in_use_bytes + static_cast<int64_t>(kBytes));
+  EXPECT_LT(after.heap_in_use_bytes, held.heap_in_use_bytes - static_cast<int64_t>(kBytes) / 2);
 }
 
 TEST(MetricsHttpTest, ReportsBindFailure) {

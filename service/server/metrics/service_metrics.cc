@@ -1,5 +1,7 @@
 #include "service/server/metrics/service_metrics.h"
 
+#include "service/server/metrics/process_memory.h"
+
 namespace kvbuffer::metrics {
 
 std::string_view RpcName(Rpc rpc) {
@@ -21,12 +23,23 @@ bool RpcFromName(std::string_view name, Rpc* rpc) {
 }
 
 std::string_view CodeName(int grpc_code) {
-  static constexpr std::string_view kNames[kNumCodes] = {
-      "OK",          "CANCELLED",          "UNKNOWN",        "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",    "ALREADY_EXISTS", "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",         "UNAVAILABLE",    "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static constexpr std::string_view kNames[kNumCodes] = {"OK",
+                                                         "CANCELLED",
+                                                         "UNKNOWN",
+                                                         "INVALID_ARGUMENT",
+                                                         "DEADLINE_EXCEEDED",
+                                                         "NOT_FOUND",
+                                                         "ALREADY_EXISTS",
+                                                         "PERMISSION_DENIED",
+                                                         "RESOURCE_EXHAUSTED",
+                                                         "FAILED_PRECONDITION",
+                                                         "ABORTED",
+                                                         "OUT_OF_RANGE",
+                                                         "UNIMPLEMENTED",
+                                                         "INTERNAL",
+                                                         "UNAVAILABLE",
+                                                         "DATA_LOSS",
+                                                         "UNAUTHENTICATED"};
   return grpc_code >= 0 && grpc_code < kNumCodes ? kNames[grpc_code] : std::string_view("UNKNOWN");
 }
 
@@ -35,9 +48,9 @@ ServiceMetrics::ServiceMetrics(Registry* registry) : registry_(registry) {
   requests_ = &r.AddCounter("kvbuffer_requests_total",
                             "Calls finished, by RPC (Stream messages by their call) and gRPC code.",
                             {"rpc", "code"});
-  duration_family_ = &r.AddHistogram("kvbuffer_request_duration_seconds",
-                                     "Server-side duration of calls, by RPC.", {"rpc"},
-                                     DefaultLatencyBuckets());
+  duration_family_ =
+      &r.AddHistogram("kvbuffer_request_duration_seconds", "Server-side duration of calls, by RPC.",
+                      {"rpc"}, DefaultLatencyBuckets());
   for (int i = 0; i < kNumRpcs; ++i) {
     durations_[i] = &duration_family_->Labels({std::string(RpcName(static_cast<Rpc>(i)))});
   }
@@ -50,8 +63,8 @@ ServiceMetrics::ServiceMetrics(Registry* registry) : registry_(registry) {
                            "Buffer pool pages (page_tokens rows on every layer).", {"state"});
   pages_used_ = &pages.Labels({"used"});
   pages_free_ = &pages.Labels({"free"});
-  auto& conv = r.AddGauge("kvbuffer_conv_slots", "Conv window slots (one per open sequence).",
-                          {"state"});
+  auto& conv =
+      r.AddGauge("kvbuffer_conv_slots", "Conv window slots (one per open sequence).", {"state"});
   conv_used_ = &conv.Labels({"used"});
   conv_free_ = &conv.Labels({"free"});
   flushes_ = &r.AddCounter("kvbuffer_flushes_total",
@@ -71,6 +84,23 @@ ServiceMetrics::ServiceMetrics(Registry* registry) : registry_(registry) {
   mem_pool_ = &mem.Labels({"pool"});
   mem_total_ = &mem.Labels({"total"});
   mem_free_ = &mem.Labels({"free"});
+  auto& process = r.AddGauge(
+      "kvbuffer_process_memory_bytes",
+      "The server process: resident (RSS) and heap_in_use (allocated by malloc, not yet freed; "
+      "absent under sanitizers).",
+      {"kind"});
+  const ProcessMemory now = ReadProcessMemory();
+  process_resident_ = now.resident_bytes >= 0 ? &process.Labels({"resident"}) : nullptr;
+  process_heap_ = now.heap_in_use_bytes >= 0 ? &process.Labels({"heap_in_use"}) : nullptr;
+  r.AddCollectHook([this] {
+    const ProcessMemory m = ReadProcessMemory();
+    if (process_resident_ != nullptr && m.resident_bytes >= 0) {
+      process_resident_->Set(static_cast<double>(m.resident_bytes));
+    }
+    if (process_heap_ != nullptr && m.heap_in_use_bytes >= 0) {
+      process_heap_->Set(static_cast<double>(m.heap_in_use_bytes));
+    }
+  });
   build_info_ = &r.AddGauge("kvbuffer_build_info", "Version, backend and model; value 1.",
                             {"version", "backend", "model"});
 }

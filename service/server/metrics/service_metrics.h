@@ -61,7 +61,7 @@ struct EngineGauges {
   int64_t pool_bytes = 0;
   int64_t device_total_bytes = 0;  // 0 on the CPU backend
   int64_t device_free_bytes = 0;
-  int64_t flushes = 0;             // engine totals since start (exported as counters)
+  int64_t flushes = 0;  // engine totals since start (exported as counters)
   int64_t drafts_verified = 0;
   int64_t drafts_accepted = 0;
 };
@@ -119,6 +119,8 @@ class ServiceMetrics {
   Gauge* mem_pool_;
   Gauge* mem_total_;
   Gauge* mem_free_;
+  Gauge* process_resident_;  // null where the number cannot be read
+  Gauge* process_heap_;
   Family<Gauge>* build_info_;
 };
 
