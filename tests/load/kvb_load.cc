@@ -34,20 +34,16 @@ int main(int argc, char** argv) {
   if (std::string s = absl::GetFlag(FLAGS_server); !s.empty()) {
     o.server = s;
   } else {
-    const int32_t seqs = o.sessions * o.batch;
     absl::StatusOr<std::unique_ptr<kvbuffer::testing::ChildServer>> started =
-        kvbuffer::testing::ChildServer::Start(
-            {"--model=" + absl::GetFlag(FLAGS_model), absl::StrCat("--max_sequences=", seqs + 8),
-             absl::StrCat("--state_slots=", seqs + 8), absl::StrCat("--buffer_pages=", 6 * seqs),
-             absl::StrCat("--executor_threads=", absl::GetFlag(FLAGS_executor_threads)),
-             "--stream_window=64"});
+        kvbuffer::load::StartLoadServer(
+            &o, {"--model=" + absl::GetFlag(FLAGS_model),
+                 absl::StrCat("--executor_threads=", absl::GetFlag(FLAGS_executor_threads)),
+                 "--stream_window=64"});
     if (!started.ok()) {
       std::fprintf(stderr, "kvb_load: %s\n", started.status().ToString().c_str());
       return 2;
     }
     child = *std::move(started);
-    o.server = child->address();
-    o.server_pid = child->pid();
   }
   absl::StatusOr<kvbuffer::load::LoadResult> r = kvbuffer::load::RunLoad(o);
   if (!r.ok()) {
