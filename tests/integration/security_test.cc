@@ -464,7 +464,9 @@ TEST_F(SecurityTest, TheHealthPortAnswersProbesInPlaintextAndExposesNoApi) {
   do {
     ready = probe->CheckHealth("readiness");
   } while (ready.ok() && *ready == HealthResponse::SERVING && absl::Now() < until);
-  if (ready.ok()) EXPECT_EQ(*ready, HealthResponse::NOT_SERVING);
+  if (ready.ok()) {
+    EXPECT_EQ(*ready, HealthResponse::NOT_SERVING);
+  }
   absl::StatusOr<int> exit_code = server.WaitExit(absl::Seconds(30));
   ASSERT_TRUE(exit_code.ok()) << exit_code.status() << server.Stderr();
   EXPECT_EQ(*exit_code, 0) << server.Stderr();
